@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make train` (the main job) and `make test`.
+# Both create .venv in the repo root on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch keeps the install small; on a GPU machine use the torch build that matches your CUDA.
+TORCH ?= torch==2.13.0
+
+.PHONY: install train test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements-offline.txt
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[demo,test]"
+	$(BIN)/pip install --quiet --no-deps -r requirements-offline.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/quickstart.py $(ARGS)
+
+lint: install
+	$(BIN)/ruff check lightning_hift tests experiments
+	$(BIN)/ruff format --check lightning_hift tests experiments
+	$(BIN)/mypy
+
+test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)

@@ -1,0 +1,101 @@
+"""HiFTCallback: when to switch blocks, when the learning rate moves, and the schedule's resumable state.
+
+:class:`~lightning_hift.strategy.HiFTStrategy` adds one when the Trainer has none, so users only need it to
+subclass or to place it themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.lr import DelayedLR
+from lightning_hift.orders import BlockOrder, make_order
+from lightning_hift.strategy import HiFTStrategy
+
+
+class HiFTCallback(Callback):
+    """Switches the active block every ``switch_every`` optimizer steps and applies the delayed LR update.
+
+    Switches happen in ``on_train_batch_end`` right after an optimizer step, never between the micro-batches
+    of an accumulation window, so every micro-batch of a window trains the same block.
+    """
+
+    def __init__(self) -> None:
+        self.order: BlockOrder | None = None
+        self.delayed_lr: DelayedLR | None = None
+        self.steps = 0
+        self._last_global_step = 0
+        self._loaded: dict[str, Any] | None = None
+
+    @staticmethod
+    def _strategy(trainer: pl.Trainer) -> HiFTStrategy:
+        strategy = trainer.strategy
+        if not isinstance(strategy, HiFTStrategy):
+            raise HiFTConfigError(
+                f"HiFTCallback works with strategy='hift' (a HiFTStrategy), not {type(strategy).__name__}."
+                " Pass `strategy='hift'` to the Trainer, or remove the callback."
+            )
+        return strategy
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._strategy(trainer)
+        if stage == "fit":
+            self.order, self.delayed_lr, self.steps, self._loaded = None, None, 0, None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = self._strategy(trainer)
+        self.order = make_order(strategy.order, len(strategy.blocks), strategy.seed)
+        self.delayed_lr = DelayedLR(strategy.lr_update)
+        if self._loaded is not None:
+            self.steps = int(self._loaded["steps"])
+            self.order.load_state_dict(self._loaded["order"])
+            self.delayed_lr.load_state_dict(self._loaded["lr"])
+            self._loaded = None
+        self.delayed_lr.attach(trainer)
+        self._last_global_step = trainer.global_step
+        strategy.activate(self.order.current())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # inside an accumulation window: no optimizer step yet, so no switch
+        self._last_global_step = trainer.global_step
+        strategy = self._strategy(trainer)
+        assert self.order is not None and self.delayed_lr is not None
+        trained, cycle = self.order.current(), self.order.cycle
+        self.steps += 1
+        slot_ended = self.steps % strategy.switch_every == 0
+        self.delayed_lr.after_optimizer_step(trainer, cycle_ended=slot_ended and self.order.at_cycle_end)
+        if slot_ended:
+            strategy.activate(self.order.advance())
+        pl_module.log_dict(
+            {"hift/active_block": float(trained), "hift/cycle": float(cycle)},
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.delayed_lr is not None:
+            self.delayed_lr.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.order is None or self.delayed_lr is None:
+            return {}
+        return {"steps": self.steps, "order": self.order.state_dict(), "lr": self.delayed_lr.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The blocks are only known once the strategy has set up, after Lightning restores callbacks.
+        self._loaded = dict(state_dict) if state_dict else None

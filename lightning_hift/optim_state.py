@@ -1,0 +1,183 @@
+"""Where each block's optimizer state lives while the block waits for its turn.
+
+Modes:
+    ``"offload"``: in host memory; pinned and copied without blocking the host when the device is CUDA.
+    ``"reset"``: dropped when the block's turn ends and recreated fresh at its next turn (BAdam's choice).
+    ``"keep"``: left on the device (the fastest, and the most device memory).
+
+The user's optimizer is never forked or wrapped: this module only moves or drops the tensors in
+``optimizer.state[param]``. Torch optimizers skip parameters whose ``.grad`` is None, so a block's state is
+needed on the device only during its own turn.
+
+On a CPU-only machine host and device are the same memory: the moves are skipped and :meth:`where` is the
+bookkeeping that the accounting and the tests read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_hift.blocks import Block
+from lightning_hift.errors import HiFTConfigError
+
+OptimizerStateMode = Literal["offload", "reset", "keep"]
+Place = Literal["device", "host", "absent"]
+MODES: tuple[str, ...] = ("offload", "reset", "keep")
+HOST = torch.device("cpu")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise HiFTConfigError(f"Unknown optimizer_state={mode!r}. Choose one of {list(MODES)}.")
+
+
+def _moves_with_param(key: str, group: Mapping[str, Any]) -> bool:
+    # torch keeps the scalar "step" on the host unless the optimizer is capturable or fused (as Lightning does).
+    return key != "step" or bool(group.get("capturable") or group.get("fused"))
+
+
+class OptimizerStatePlacement:
+    """Moves the optimizer state of whole blocks between the device and its resting place.
+
+    Args:
+        mode: one of :data:`MODES`.
+        optimizer: the user's optimizer; it must hold every parameter of ``blocks``.
+        blocks: the partition.
+        device: the compute device.
+    """
+
+    def __init__(self, mode: str, optimizer: Optimizer, blocks: list[Block], device: torch.device) -> None:
+        check_mode(mode)
+        self.mode = mode
+        self.optimizer = optimizer
+        self.blocks = blocks
+        self.device = device
+        self._group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+        self._pinned: dict[tuple[int, str], Tensor] = {}
+        self._places: list[Place] = ["absent"] * len(blocks)
+        # Optimizers such as Adagrad create their state in __init__ and never again; "reset" must rebuild it.
+        self._initial = self._capture_initial_state() if mode == "reset" else {}
+        for block in blocks:
+            self.to_rest(block)
+
+    @property
+    def moves_memory(self) -> bool:
+        """Whether host and device are different memories (no copies are made when they are not)."""
+        return self.device.type != HOST.type
+
+    def where(self, block: Block) -> Place:
+        """Where the block's optimizer state is now ("absent": dropped, or not created by the optimizer yet)."""
+        return self._places[block.index]
+
+    def to_device(self, block: Block) -> None:
+        """Bring the block's state to the device for its turn."""
+        for p in block.params:
+            if self.mode == "reset" and p in self._initial and p not in self.optimizer.state:
+                self.optimizer.state[p] = {key: make() for key, make in self._initial[p].items()}
+            elif self.mode == "offload" and self.moves_memory:
+                self._move(p, to_host=False)
+        self._places[block.index] = "device"
+
+    def to_rest(self, block: Block) -> None:
+        """Send the block's state to where it waits: host memory, nowhere, or the device."""
+        for p in block.params:
+            if self.mode == "reset":
+                self.optimizer.state.pop(p, None)
+            elif self.mode == "offload" and self.moves_memory:
+                self._move(p, to_host=True)
+        self._places[block.index] = self._rest_place(block)
+
+    def load(self, state_dict: Mapping[str, Any]) -> None:
+        """Load an optimizer checkpoint, putting each block's state straight where it rests.
+
+        ``Optimizer.load_state_dict`` would first copy every state tensor to its parameter's device: the
+        whole-model peak that offloading exists to avoid. Here each tensor goes to its resting place directly.
+        """
+        self.optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.optimizer.param_groups)
+        param_of = dict(zip(saved_ids, params, strict=True))
+        for saved_id, state in state_dict["state"].items():
+            p = param_of[saved_id]
+            group = self._group_of[p]
+            target = HOST if self.mode == "offload" else p.device
+            self.optimizer.state[p] = {
+                key: _cast_like(value, p, target) if _moves_with_param(key, group) else value
+                for key, value in state.items()
+            }
+            if self.mode == "offload" and self.moves_memory:
+                self._move(p, to_host=True)
+        for block in self.blocks:
+            self._places[block.index] = self._rest_place(block)
+
+    def synchronize(self) -> None:
+        """Wait for copies in flight, before the host reads offloaded state (for a checkpoint, say)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _rest_place(self, block: Block) -> Place:
+        if not any(self.optimizer.state.get(p) for p in block.params):
+            return "absent"
+        return "host" if self.mode == "offload" else "device"
+
+    def _move(self, p: Tensor, to_host: bool) -> None:
+        state = self.optimizer.state.get(p)
+        if not state:
+            return
+        group = self._group_of[p]
+        for key, value in state.items():
+            if isinstance(value, Tensor) and _moves_with_param(key, group):
+                state[key] = self._to_pinned(p, key, value) if to_host else value.to(self.device, non_blocking=True)
+
+    def _to_pinned(self, p: Tensor, key: str, value: Tensor) -> Tensor:
+        # One pinned buffer per state tensor, allocated on first use and reused every cycle: pinning is slow and
+        # pinned memory is scarce, so it is never allocated per step. The copy is queued on the current stream,
+        # after the optimizer step that wrote the value and before any later copy back into or out of the buffer.
+        buffer = self._pinned.get((id(p), key))
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = torch.empty(value.shape, dtype=value.dtype, device=HOST, pin_memory=True)
+            self._pinned[(id(p), key)] = buffer
+        buffer.copy_(value, non_blocking=True)
+        return buffer
+
+    def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
+        return {
+            p: {key: _constant_maker(value, key, self.optimizer) for key, value in state.items()}
+            for p, state in self.optimizer.state.items()
+        }
+
+
+def _cast_like(value: Any, p: Tensor, device: torch.device) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    dtype = p.dtype if p.is_floating_point() and value.is_floating_point() else value.dtype
+    return value.to(device=device, dtype=dtype)
+
+
+def _constant_maker(value: Any, key: str, optimizer: Optimizer) -> Any:
+    """A function that recreates an eagerly created state value, which must be constant (Adagrad's are)."""
+    if not isinstance(value, Tensor):
+        return lambda: value
+    flat = value.flatten()
+    if flat.numel() and not bool((flat == flat[0]).all()):
+        raise HiFTConfigError(
+            f"optimizer_state='reset' cannot recreate the state {key!r} that {type(optimizer).__name__} created"
+            " at construction (it is not a constant fill). Use optimizer_state='offload' or 'keep'."
+        )
+    fill = flat[0].item() if flat.numel() else 0
+    shape, dtype, device = value.shape, value.dtype, value.device
+    return lambda: torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def state_tensors(optimizer: Optimizer, params: Iterable[Tensor]) -> Iterable[Tensor]:
+    """Every tensor in the optimizer state of ``params``."""
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, Tensor):
+                yield value

@@ -1,0 +1,249 @@
+"""HiFTStrategy: full-parameter fine-tuning that trains one block of layers per optimizer step.
+
+The strategy is the mechanism: it cuts the model into blocks when fitting starts, makes exactly one block
+trainable at a time, and keeps every other block's optimizer state where ``optimizer_state`` says.
+:class:`~lightning_hift.callback.HiFTCallback` decides when to switch, the way Lightning pairs a strategy with
+a callback. The user's LightningModule, optimizer and schedulers are used as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_hift import lr, optim_state, orders
+from lightning_hift.blocks import Block, partition
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.optim_state import OptimizerStatePlacement
+from lightning_hift.units import LayersSpec
+
+
+class HiFTStrategy(SingleDeviceStrategy):
+    """Train every parameter, one block of ``layers_per_block`` units per optimizer step.
+
+    Args:
+        layers_per_block: units (embeddings, one layer, or the output end) per block.
+        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
+        seed: seed of the random order.
+        switch_every: optimizer steps a block stays active before the next one takes over.
+        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
+            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
+        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
+            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
+        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
+            automatically for known Hugging Face families and for any model with one repeated ModuleList.
+        frozen: fnmatch patterns of parameter names never trained.
+        device: the compute device; by default the one the Trainer's accelerator gives.
+    """
+
+    strategy_name = "hift"
+
+    def __init__(
+        self,
+        layers_per_block: int = 1,
+        order: str = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: str = "offload",
+        lr_update: str = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] = (),
+        device: _DEVICE | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        _check_positive_int("layers_per_block", layers_per_block)
+        _check_positive_int("switch_every", switch_every)
+        orders.check_order_name(order)
+        optim_state.check_mode(optimizer_state)
+        lr.check_mode(lr_update)
+        if isinstance(frozen, str):
+            raise HiFTConfigError(f"frozen={frozen!r} must be a list of patterns, e.g. frozen=[{frozen!r}].")
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.layers_per_block = layers_per_block
+        self.order = order
+        self.seed = seed
+        self.switch_every = switch_every
+        self.optimizer_state_mode = optimizer_state
+        self.lr_update = lr_update
+        self.layers = layers
+        self.frozen = tuple(frozen)
+        self._device_given = device is not None
+        # Set by the Trainer's accelerator connector to the devices the accelerator offers.
+        self.parallel_devices: list[torch.device] | None = None
+        self.blocks: list[Block] = []
+        self.active_block: int | None = None
+        self.placement: OptimizerStatePlacement | None = None
+        self._unfrozen_at_start: list[Tensor] = []
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._device_given and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise HiFTConfigError(
+                f"strategy='hift' trains on one device, but the Trainer offers {len(self.parallel_devices)}. Pass"
+                " `devices=1`, or use strategy='hift_ddp' to train on all of them."
+            )
+        super().setup_environment()
+        self._attach_callback()
+
+    def _attach_callback(self) -> None:
+        from lightning_hift.callback import HiFTCallback
+
+        assert self.lightning_module is not None
+        callbacks: list[Callback] = self.lightning_module.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(callback, HiFTCallback) for callback in callbacks):
+            callbacks.insert(0, HiFTCallback())
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        # Strategy.setup, except that optimizer state is placed block by block instead of all on the device.
+        assert self.accelerator is not None
+        assert self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.model = self._setup_model(self.model)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self._check_automatic_optimization()
+            self.setup_optimizers(trainer)
+            self._setup_blocks()
+        self.setup_precision_plugin()
+        if fitting:
+            self.placement = OptimizerStatePlacement(
+                self.optimizer_state_mode, self.optimizers[0], self.blocks, self.root_device
+            )
+
+    def _check_automatic_optimization(self) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise HiFTConfigError(
+                "strategy='hift' needs automatic optimization: it switches blocks between optimizer steps that"
+                " Lightning runs. Remove `self.automatic_optimization = False` from your LightningModule."
+            )
+
+    def _setup_blocks(self) -> None:
+        module = self.lightning_module
+        assert module is not None
+        # Lightning allows a single optimizer under automatic optimization, which HiFT requires.
+        blocks = partition(module, self.layers_per_block, layers=self.layers, frozen=self.frozen)
+        self.blocks = _only_optimized(blocks, self.optimizers[0])
+        self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
+        for p in self._unfrozen_at_start:
+            p.requires_grad_(False)
+        self.active_block = None
+
+    def activate(self, index: int) -> None:
+        """Make block ``index`` the only trainable one and bring its optimizer state to the device."""
+        if index == self.active_block:
+            return
+        self.deactivate()
+        assert self.placement is not None
+        block = self.blocks[index]
+        self.placement.to_device(block)
+        for p in block.params:
+            p.requires_grad_(True)
+        self.active_block = index
+
+    def deactivate(self) -> None:
+        """Freeze the active block, drop its gradients and send its optimizer state to rest."""
+        if self.active_block is None:
+            return
+        assert self.placement is not None
+        block = self.blocks[self.active_block]
+        for p in block.params:
+            p.requires_grad_(False)
+            # A LightningModule that zeroes grads instead of setting them to None would leave zero grads, and
+            # the optimizer would still apply weight decay and momentum to this block while it is frozen.
+            p.grad = None
+        self.placement.to_rest(block)
+        self.active_block = None
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        if self.placement is not None:
+            self.placement.synchronize()
+        return super().optimizer_state(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self.placement is None:
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        (state,) = checkpoint["optimizer_states"]
+        self.placement.load(state)
+
+    @override
+    def teardown(self) -> None:
+        if self.placement is not None:
+            self.deactivate()
+            self.placement = None
+        # Hand the model back with the trainable flags it came with.
+        for p in self._unfrozen_at_start:
+            p.requires_grad_(True)
+        self._unfrozen_at_start = []
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        presets = {"hift": {}, "hift_top2down": {"order": "top2down"}, "hift_random": {"order": "random"}}
+        for name, params in presets.items():
+            strategy_registry.register(name, cls, description=f"{cls.__name__} {params or ''}", override=True, **params)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HiFTConfigError(f"{name} must be a whole number >= 1, got {name}={value!r}.")
+
+
+def _only_optimized(blocks: list[Block], optimizer: Optimizer) -> list[Block]:
+    """Drop parameters the optimizer does not hold: they could never be updated."""
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    kept: list[Block] = []
+    missing: list[str] = []
+    for block in blocks:
+        names = [n for n, p in zip(block.names, block.params, strict=True) if id(p) in optimized]
+        missing += [n for n, p in zip(block.names, block.params, strict=True) if id(p) not in optimized]
+        if names:
+            params = [p for p in block.params if id(p) in optimized]
+            kept.append(Block(len(kept), block.unit_names, tuple(names), tuple(params)))
+    if not kept:
+        raise HiFTConfigError(
+            "The optimizer holds none of the model's trainable parameters. Build it in configure_optimizers from"
+            " self.parameters()."
+        )
+    if missing:
+        rank_zero_warn(
+            f"HiFT: {len(missing)} trainable parameters are not in the optimizer and will not be trained"
+            f" (e.g. {missing[:3]}). Pass them to the optimizer, or freeze them with `frozen=`."
+        )
+    return kept

@@ -1,0 +1,143 @@
+"""A tiny LightningModule and the callbacks the strategy tests use to watch training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers.optimization import Adafactor
+
+VOCAB, WIDTH, CLASSES, SEQ = 32, 16, 4, 6
+
+
+class TinyStack(nn.Module):
+    """Embeddings, four identical layers, a norm and a head: six units under HiFT."""
+
+    def __init__(self, num_layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.embed(tokens)
+        for layer in self.layers:
+            hidden = hidden + layer(hidden)
+        return self.head(self.norm(hidden).mean(dim=1))
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.1)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "adafactor":
+        return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    raise ValueError(name)
+
+
+def warmup_then_linear(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class TinyModule(LightningModule):
+    """Classifies random token sequences; optimizer and schedule chosen by name."""
+
+    def __init__(
+        self,
+        optimizer: str = "adamw",
+        lr: float = 1e-2,
+        schedule: tuple[int, int] | None = None,
+        num_layers: int = 4,
+        samples: int = 64,
+        batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        self.net = TinyStack(num_layers)
+        self.optimizer_name, self.lr, self.schedule = optimizer, lr, schedule
+        generator = torch.Generator().manual_seed(1234)
+        tokens = torch.randint(0, VOCAB, (samples, SEQ), generator=generator)
+        labels = torch.randint(0, CLASSES, (samples,), generator=generator)
+        self.data = TensorDataset(tokens, labels)
+        self.batch_size = batch_size
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self.net(tokens), labels)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = make_optimizer(self.optimizer_name, self.parameters(), self.lr)
+        if self.schedule is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(*self.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fit(
+    module: LightningModule,
+    strategy: Any,
+    max_steps: int,
+    callbacks: list[Callback] | None = None,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks or [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+class StepRecorder(Callback):
+    """Records, for every micro-batch, the active block, the learning rate and which parameters changed."""
+
+    def __init__(self) -> None:
+        self.active: list[int | None] = []
+        self.lrs: list[float] = []
+        self.changed: list[set[str]] = []
+        self.stepped: list[bool] = []
+        self.places: list[list[str]] = []
+        self.has_state: list[list[bool]] = []
+        self._before: dict[str, Tensor] = {}
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.active.append(trainer.strategy.active_block)  # type: ignore[attr-defined]
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self._before = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.changed.append(
+            {name for name, p in pl_module.named_parameters() if not torch.equal(p, self._before[name])}
+        )
+        self.stepped.append(trainer.global_step != self._step)
+        strategy = trainer.strategy
+        blocks = strategy.blocks  # type: ignore[attr-defined]
+        self.places.append([strategy.placement.where(b) for b in blocks])  # type: ignore[attr-defined]
+        state = trainer.optimizers[0].state
+        self.has_state.append([all(state.get(p) for p in b.params) for b in blocks])
