@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.lr import DelayedLR
+from lightning_hift.memory import snapshot
 from lightning_hift.orders import BlockOrder, make_order
 from lightning_hift.strategy import HiFTStrategy
 
@@ -23,9 +24,14 @@ class HiFTCallback(Callback):
 
     Switches happen in ``on_train_batch_end`` right after an optimizer step, never between the micro-batches
     of an accumulation window, so every micro-batch of a window trains the same block.
+
+    Args:
+        log_memory: log ``hift/mem/{kind}_{place}`` bytes after every optimizer step, measured before the
+            switch, while the trained block's gradients and optimizer state are still on the device.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_memory: bool = True) -> None:
+        self.log_memory = log_memory
         self.order: BlockOrder | None = None
         self.delayed_lr: DelayedLR | None = None
         self.steps = 0
@@ -71,18 +77,15 @@ class HiFTCallback(Callback):
         self._last_global_step = trainer.global_step
         strategy = self._strategy(trainer)
         assert self.order is not None and self.delayed_lr is not None
-        trained, cycle = self.order.current(), self.order.cycle
+        metrics = {"hift/active_block": float(self.order.current()), "hift/cycle": float(self.order.cycle)}
+        if self.log_memory:
+            metrics.update(snapshot(strategy).as_metrics())
         self.steps += 1
         slot_ended = self.steps % strategy.switch_every == 0
         self.delayed_lr.after_optimizer_step(trainer, cycle_ended=slot_ended and self.order.at_cycle_end)
         if slot_ended:
             strategy.activate(self.order.advance())
-        pl_module.log_dict(
-            {"hift/active_block": float(trained), "hift/cycle": float(cycle)},
-            on_step=True,
-            on_epoch=False,
-            batch_size=1,
-        )
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,235 @@
+"""Where the bytes of fine-tuning live: a planner for before the run and a snapshot during it.
+
+:func:`estimate_memory` predicts the model-state bytes (parameters, gradients, optimizer state, fp32
+master copies) of full fine-tuning and of HiFT, by kind and by place (device or host), from a model, a
+Hugging Face config or a model folder; configs are built on the meta device, so no weights are needed.
+:func:`snapshot` measures the same quantities on a running :class:`~lightning_hift.HiFTStrategy`.
+Activations and framework overhead are not model state and are not counted.
+
+Command line (prints the table)::
+
+    python -m lightning_hift.memory llama2-7b --optimizer adamw --precision 32-true
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_hift.blocks import partition
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.optim_state import HOST
+
+if TYPE_CHECKING:
+    from lightning_hift.strategy import HiFTStrategy
+
+GIB = 2**30
+KINDS = ("params", "grads", "optimizer_state", "masters")
+PLACES = ("device", "host")
+
+STATE_TENSORS_PER_PARAM: dict[str, int] = {
+    "adamw": 2,
+    "adam": 2,
+    "rmsprop": 1,
+    "adagrad": 1,
+    "sgd_momentum": 1,
+    "sgd": 0,
+}
+"""Optimizer-state tensors the size of a parameter that each optimizer keeps (RMSprop without momentum)."""
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "mixed")
+"""Lightning's precision names, plus ``"mixed"``: half weights with fp32 master copies of every weight and fp32
+gradients on the device (Apex O2 style), the setting the HiFT paper calls mixed precision."""
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes by (kind, place); kinds are :data:`KINDS`, places are :data:`PLACES`."""
+
+    bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, kind: str, place: str, nbytes: int) -> None:
+        self.bytes[(kind, place)] = self.bytes.get((kind, place), 0) + int(nbytes)
+
+    def get(self, kind: str, place: str) -> int:
+        return self.bytes.get((kind, place), 0)
+
+    def total(self, place: str | None = None) -> int:
+        return sum(n for (_, where), n in self.bytes.items() if place is None or where == place)
+
+    def as_metrics(self, prefix: str = "hift/mem/") -> dict[str, float]:
+        """Flat ``{prefix}{kind}_{place}`` bytes for a logger, every kind and place present."""
+        return {f"{prefix}{kind}_{place}": float(self.get(kind, place)) for kind in KINDS for place in PLACES}
+
+
+@dataclass
+class MemoryEstimate:
+    """The planner's answer: full fine-tuning (FPFT) and HiFT side by side."""
+
+    num_params: int
+    trainable_params: int
+    largest_block: int
+    num_blocks: int
+    precision: str
+    optimizer: str
+    fpft: MemoryBreakdown
+    hift: MemoryBreakdown
+
+    def table(self) -> str:
+        """A text table in GiB (2**30 bytes)."""
+        lines = [
+            f"{self.num_params / 1e6:,.2f} M params, {self.num_blocks} blocks,"
+            f" largest {self.largest_block / 1e6:,.2f} M; optimizer {self.optimizer}, precision {self.precision}",
+            f"{'GiB':<24}{'FPFT device':>12}{'HiFT device':>12}{'HiFT host':>12}",
+        ]
+        for kind in KINDS:
+            cells = (self.fpft.get(kind, "device"), self.hift.get(kind, "device"), self.hift.get(kind, "host"))
+            lines.append(f"{kind:<24}" + "".join(f"{n / GIB:>12.2f}" for n in cells))
+        totals = (self.fpft.total("device"), self.hift.total("device"), self.hift.total("host"))
+        lines.append(f"{'total':<24}" + "".join(f"{n / GIB:>12.2f}" for n in totals))
+        return "\n".join(lines)
+
+
+def estimate_memory(
+    model_or_config: nn.Module | Any,
+    precision: str = "32-true",
+    optimizer: str = "adamw",
+    layers_per_block: int = 1,
+    optimizer_state: str = "offload",
+    layers: Any = None,
+) -> MemoryEstimate:
+    """Predict model-state bytes of full fine-tuning and of HiFT.
+
+    Args:
+        model_or_config: an ``nn.Module``, a ``transformers.PretrainedConfig``, a model folder or hub name (its
+            config is read), or ``"llama2-7b"`` (LLaMA-2-7B's shape, transformers' ``LlamaConfig`` defaults).
+        precision: one of :data:`PRECISIONS`.
+        optimizer: a key of :data:`STATE_TENSORS_PER_PARAM`.
+        layers_per_block: HiFT's ``layers_per_block``.
+        optimizer_state: HiFT's ``optimizer_state`` ("offload", "reset" or "keep").
+        layers: HiFT's ``layers`` override, for models it cannot cut on its own.
+
+    Returns:
+        The estimate; ``.table()`` formats it.
+
+    Example:
+        >>> estimate = estimate_memory("llama2-7b", precision="32-true", optimizer="adamw")
+        >>> round(estimate.fpft.total("device") / GIB, 2), round(estimate.hift.total("device") / GIB, 2)
+        (100.41, 27.36)
+    """
+    if precision not in PRECISIONS:
+        raise HiFTConfigError(f"Unknown precision={precision!r}. Choose one of {list(PRECISIONS)}.")
+    if optimizer not in STATE_TENSORS_PER_PARAM:
+        raise HiFTConfigError(f"Unknown optimizer={optimizer!r}. Choose one of {sorted(STATE_TENSORS_PER_PARAM)}.")
+    model = _as_model(model_or_config)
+    blocks = partition(model, layers_per_block, layers=layers)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(block.numel() for block in blocks)
+    largest = max(block.numel() for block in blocks)
+    state = 4 * STATE_TENSORS_PER_PARAM[optimizer]
+    fpft, hift = MemoryBreakdown(), MemoryBreakdown()
+    half = precision in ("bf16-true", "16-true", "mixed")
+    weight_bytes = 2 if half else 4
+    fpft.add("params", "device", weight_bytes * total)
+    hift.add("params", "device", weight_bytes * total)
+    if precision in ("bf16-true", "16-true"):
+        # Plain Lightning trains half weights directly: grads and optimizer state are half too, and updates
+        # smaller than a half-precision step are lost. HiFT keeps fp32 masters instead (only the active block's
+        # on the device) and steps them with fp32 grads.
+        fpft.add("grads", "device", 2 * trainable)
+        fpft.add("optimizer_state", "device", state // 2 * trainable)
+        hift.add("masters", "device", 4 * largest)
+        hift.add("masters", "host", 4 * (trainable - largest))
+    else:
+        fpft.add("grads", "device", 4 * trainable)
+        fpft.add("optimizer_state", "device", state * trainable)
+        if precision == "mixed":
+            fpft.add("masters", "device", 4 * trainable)
+            hift.add("masters", "device", 4 * trainable)
+    hift.add("grads", "device", 4 * largest)
+    hift.add("optimizer_state", "device", state * (trainable if optimizer_state == "keep" else largest))
+    if optimizer_state == "offload":
+        hift.add("optimizer_state", "host", state * (trainable - largest))
+    return MemoryEstimate(total, trainable, largest, len(blocks), precision, optimizer, fpft, hift)
+
+
+def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    import transformers
+
+    config = model_or_config
+    if config == "llama2-7b":
+        config = transformers.LlamaConfig()
+    elif isinstance(config, str):
+        config = transformers.AutoConfig.from_pretrained(config)
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise HiFTConfigError(
+            f"estimate_memory needs an nn.Module, a transformers config, a model folder or hub name; got"
+            f" {type(model_or_config).__name__}."
+        )
+    with torch.device("meta"):
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
+            try:
+                return auto.from_config(config)  # type: ignore[no-any-return]
+            except ValueError:
+                continue
+    raise HiFTConfigError(f"transformers has no model class for model_type={config.model_type!r}.")
+
+
+def snapshot(strategy: HiFTStrategy) -> MemoryBreakdown:
+    """Measure the live bytes of a HiFT run by kind and place.
+
+    Parameters and gradients are placed by the device their tensors are on. Optimizer state is placed where
+    the strategy keeps it: on a CPU-only machine host and device are one memory, and the placement's
+    bookkeeping is what tells them apart. The scalar ``step`` counters are left out.
+    """
+    breakdown = MemoryBreakdown()
+    module = strategy.lightning_module
+    assert module is not None
+    for p in module.parameters():
+        breakdown.add("params", _place(p, strategy.root_device), p.nbytes)
+        if p.grad is not None:
+            breakdown.add("grads", _place(p.grad, strategy.root_device), p.grad.nbytes)
+    if strategy.placement is not None:
+        optimizer = strategy.placement.optimizer
+        for block in strategy.blocks:
+            place = "host" if strategy.placement.where(block) == "host" else "device"
+            breakdown.add("optimizer_state", place, _state_bytes(optimizer.state, block.params))
+    return breakdown
+
+
+def _place(tensor: torch.Tensor, device: torch.device) -> str:
+    return "host" if tensor.device.type == HOST.type and device.type != HOST.type else "device"
+
+
+def _state_bytes(state: Any, params: Iterable[torch.Tensor]) -> int:
+    return sum(
+        value.nbytes
+        for p in params
+        for key, value in state.get(p, {}).items()
+        if isinstance(value, torch.Tensor) and key != "step"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Model-state memory of full fine-tuning vs HiFT.")
+    parser.add_argument("model", help="'llama2-7b', a model folder, or a hub name (its config.json is read)")
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
+    parser.add_argument("--optimizer", default="adamw", choices=sorted(STATE_TENSORS_PER_PARAM))
+    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--optimizer-state", default="offload", choices=("offload", "reset", "keep"))
+    args = parser.parse_args(argv)
+    estimate = estimate_memory(
+        args.model, args.precision, args.optimizer, args.layers_per_block, optimizer_state=args.optimizer_state
+    )
+    print(estimate.table())
+
+
+if __name__ == "__main__":
+    main()
