@@ -176,7 +176,7 @@ def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
     with torch.device("meta"):
         for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
             try:
-                return auto.from_config(config)  # type: ignore[no-any-return]
+                return auto.from_config(config)
             except ValueError:
                 continue
     raise HiFTConfigError(f"transformers has no model class for model_type={config.model_type!r}.")
