@@ -16,6 +16,7 @@ from lightning_hift.errors import HiFTConfigError
 from lightning_hift.lr import DelayedLR
 from lightning_hift.memory import snapshot
 from lightning_hift.orders import BlockOrder, make_order
+from lightning_hift.precision import MasterWeights
 from lightning_hift.strategy import HiFTStrategy
 
 
@@ -37,6 +38,7 @@ class HiFTCallback(Callback):
         self.steps = 0
         self._last_global_step = 0
         self._loaded: dict[str, Any] | None = None
+        self._masters: MasterWeights | None = None
 
     @staticmethod
     def _strategy(trainer: pl.Trainer) -> HiFTStrategy:
@@ -52,17 +54,21 @@ class HiFTCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._strategy(trainer)
         if stage == "fit":
-            self.order, self.delayed_lr, self.steps, self._loaded = None, None, 0, None
+            self.order, self.delayed_lr, self.steps, self._loaded, self._masters = None, None, 0, None, None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self._strategy(trainer)
         self.order = make_order(strategy.order, len(strategy.blocks), strategy.seed)
         self.delayed_lr = DelayedLR(strategy.lr_update)
+        self._masters = strategy.masters
         if self._loaded is not None:
             self.steps = int(self._loaded["steps"])
             self.order.load_state_dict(self._loaded["order"])
             self.delayed_lr.load_state_dict(self._loaded["lr"])
+            # A checkpoint without masters (written at full precision) keeps the masters made from its weights.
+            if strategy.masters is not None and self._loaded.get("masters") is not None:
+                strategy.masters.load_state_dict(self._loaded["masters"])
             self._loaded = None
         self.delayed_lr.attach(trainer)
         self._last_global_step = trainer.global_step
@@ -96,7 +102,11 @@ class HiFTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.order is None or self.delayed_lr is None:
             return {}
-        return {"steps": self.steps, "order": self.order.state_dict(), "lr": self.delayed_lr.state_dict()}
+        state = {"steps": self.steps, "order": self.order.state_dict(), "lr": self.delayed_lr.state_dict()}
+        masters = self._masters
+        if masters is not None:
+            state["masters"] = masters.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

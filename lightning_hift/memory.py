@@ -185,9 +185,9 @@ def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
 def snapshot(strategy: HiFTStrategy) -> MemoryBreakdown:
     """Measure the live bytes of a HiFT run by kind and place.
 
-    Parameters and gradients are placed by the device their tensors are on. Optimizer state is placed where
-    the strategy keeps it: on a CPU-only machine host and device are one memory, and the placement's
-    bookkeeping is what tells them apart. The scalar ``step`` counters are left out.
+    Parameters and gradients are placed by the device their tensors are on. Optimizer state and fp32 masters
+    are placed where the strategy keeps them: on a CPU-only machine host and device are one memory, and the
+    strategy's bookkeeping is what tells them apart. The scalar ``step`` counters are left out.
     """
     breakdown = MemoryBreakdown()
     module = strategy.lightning_module
@@ -196,11 +196,15 @@ def snapshot(strategy: HiFTStrategy) -> MemoryBreakdown:
         breakdown.add("params", _place(p, strategy.root_device), p.nbytes)
         if p.grad is not None:
             breakdown.add("grads", _place(p.grad, strategy.root_device), p.grad.nbytes)
-    if strategy.placement is not None:
-        optimizer = strategy.placement.optimizer
+    placement, masters = strategy.placement, strategy.masters
+    if placement is not None:
         for block in strategy.blocks:
-            place = "host" if strategy.placement.where(block) == "host" else "device"
-            breakdown.add("optimizer_state", place, _state_bytes(optimizer.state, block.params))
+            place = "host" if placement.where(block) == "host" else "device"
+            breakdown.add("optimizer_state", place, _state_bytes(placement.optimizer.state, placement.keys(block)))
+    if masters is not None:
+        for block in strategy.blocks:
+            nbytes = sum(master.nbytes for master in masters.masters(block))
+            breakdown.add("masters", "host" if masters.where(block) == "host" else "device", nbytes)
     return breakdown
 
 

@@ -15,7 +15,7 @@ bookkeeping that the accounting and the tests read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any, Literal
 
@@ -50,16 +50,26 @@ class OptimizerStatePlacement:
         optimizer: the user's optimizer; it must hold every parameter of ``blocks``.
         blocks: the partition.
         device: the compute device.
+        keys: the tensors that key a block's state in ``optimizer.state``; by default the block's parameters
+            (under half precision, their fp32 masters).
     """
 
-    def __init__(self, mode: str, optimizer: Optimizer, blocks: list[Block], device: torch.device) -> None:
+    def __init__(
+        self,
+        mode: str,
+        optimizer: Optimizer,
+        blocks: list[Block],
+        device: torch.device,
+        keys: Callable[[Block], Sequence[Tensor]] | None = None,
+    ) -> None:
         check_mode(mode)
         self.mode = mode
         self.optimizer = optimizer
         self.blocks = blocks
         self.device = device
+        self.keys: Callable[[Block], Sequence[Tensor]] = keys or (lambda block: block.params)
         self._group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-        self._pinned: dict[tuple[int, str], Tensor] = {}
+        self._pinned = PinnedBuffers()
         self._places: list[Place] = ["absent"] * len(blocks)
         # Optimizers such as Adagrad create their state in __init__ and never again; "reset" must rebuild it.
         self._initial = self._capture_initial_state() if mode == "reset" else {}
@@ -77,7 +87,7 @@ class OptimizerStatePlacement:
 
     def to_device(self, block: Block) -> None:
         """Bring the block's state to the device for its turn."""
-        for p in block.params:
+        for p in self.keys(block):
             if self.mode == "reset" and p in self._initial and p not in self.optimizer.state:
                 self.optimizer.state[p] = {key: make() for key, make in self._initial[p].items()}
             elif self.mode == "offload" and self.moves_memory:
@@ -86,7 +96,7 @@ class OptimizerStatePlacement:
 
     def to_rest(self, block: Block) -> None:
         """Send the block's state to where it waits: host memory, nowhere, or the device."""
-        for p in block.params:
+        for p in self.keys(block):
             if self.mode == "reset":
                 self.optimizer.state.pop(p, None)
             elif self.mode == "offload" and self.moves_memory:
@@ -122,7 +132,7 @@ class OptimizerStatePlacement:
             torch.cuda.synchronize(self.device)
 
     def _rest_place(self, block: Block) -> Place:
-        if not any(self.optimizer.state.get(p) for p in block.params):
+        if not any(self.optimizer.state.get(p) for p in self.keys(block)):
             return "absent"
         return "host" if self.mode == "offload" else "device"
 
@@ -133,24 +143,36 @@ class OptimizerStatePlacement:
         group = self._group_of[p]
         for key, value in state.items():
             if isinstance(value, Tensor) and _moves_with_param(key, group):
-                state[key] = self._to_pinned(p, key, value) if to_host else value.to(self.device, non_blocking=True)
-
-    def _to_pinned(self, p: Tensor, key: str, value: Tensor) -> Tensor:
-        # One pinned buffer per state tensor, allocated on first use and reused every cycle: pinning is slow and
-        # pinned memory is scarce, so it is never allocated per step. The copy is queued on the current stream,
-        # after the optimizer step that wrote the value and before any later copy back into or out of the buffer.
-        buffer = self._pinned.get((id(p), key))
-        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-            buffer = torch.empty(value.shape, dtype=value.dtype, device=HOST, pin_memory=True)
-            self._pinned[(id(p), key)] = buffer
-        buffer.copy_(value, non_blocking=True)
-        return buffer
+                state[key] = self._pinned.copy(p, key, value) if to_host else value.to(self.device, non_blocking=True)
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {
             p: {key: _constant_maker(value, key, self.optimizer) for key, value in state.items()}
             for p, state in self.optimizer.state.items()
         }
+
+
+class PinnedBuffers:
+    """Host copies of device tensors in pinned buffers, one per (owner, name), allocated once and reused.
+
+    Pinning is slow and pinned memory is scarce, so buffers are never allocated per step. Copies are queued on
+    the current stream without blocking the host: after the kernels that wrote the value, and before any later
+    copy into or out of the same buffer. The host must :func:`torch.cuda.synchronize` before reading a buffer.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def copy(self, owner: Tensor, name: str, value: Tensor) -> Tensor:
+        buffer = self._buffers.get((id(owner), name))
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = torch.empty(value.shape, dtype=value.dtype, device=HOST, pin_memory=True)
+            self._buffers[(id(owner), name)] = buffer
+        buffer.copy_(value, non_blocking=True)
+        return buffer
 
 
 def _cast_like(value: Any, p: Tensor, device: torch.device) -> Any:

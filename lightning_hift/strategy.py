@@ -8,7 +8,7 @@ a callback. The user's LightningModule, optimizer and schedulers are used as the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,11 +17,11 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -29,6 +29,7 @@ from lightning_hift import lr, optim_state, orders
 from lightning_hift.blocks import Block, partition
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStatePlacement
+from lightning_hift.precision import LossScaler, MasterWeights
 from lightning_hift.units import LayersSpec
 
 
@@ -94,7 +95,9 @@ class HiFTStrategy(SingleDeviceStrategy):
         self.blocks: list[Block] = []
         self.active_block: int | None = None
         self.placement: OptimizerStatePlacement | None = None
+        self.masters: MasterWeights | None = None
         self._unfrozen_at_start: list[Tensor] = []
+        self._warned_no_grad: set[int] = set()
 
     @property
     @override
@@ -137,9 +140,22 @@ class HiFTStrategy(SingleDeviceStrategy):
             self._setup_blocks()
         self.setup_precision_plugin()
         if fitting:
+            self.masters = self._make_masters()
             self.placement = OptimizerStatePlacement(
-                self.optimizer_state_mode, self.optimizers[0], self.blocks, self.root_device
+                self.optimizer_state_mode,
+                self.optimizers[0],
+                self.blocks,
+                self.root_device,
+                keys=self.masters.masters if self.masters is not None else None,
             )
+
+    def _make_masters(self) -> MasterWeights | None:
+        # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
+        if not isinstance(self.precision_plugin, HalfPrecision):
+            return None
+        fp16 = self.precision_plugin._desired_input_dtype == torch.float16
+        scaler = LossScaler() if fp16 else None
+        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler)
 
     def _check_automatic_optimization(self) -> None:
         module = self.lightning_module
@@ -168,6 +184,8 @@ class HiFTStrategy(SingleDeviceStrategy):
         self.deactivate()
         assert self.placement is not None
         block = self.blocks[index]
+        if self.masters is not None:
+            self.masters.to_device(block)
         self.placement.to_device(block)
         for p in block.params:
             p.requires_grad_(True)
@@ -184,8 +202,55 @@ class HiFTStrategy(SingleDeviceStrategy):
             # A LightningModule that zeroes grads instead of setting them to None would leave zero grads, and
             # the optimizer would still apply weight decay and momentum to this block while it is frozen.
             p.grad = None
+        if self.masters is not None:
+            self.masters.to_host(block)
         self.placement.to_rest(block)
         self.active_block = None
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if not closure_loss.requires_grad:
+            # The active block does not reach the loss; optimizer_step warns and skips the step.
+            return closure_loss
+        if self.masters is not None:
+            closure_loss = self.masters.scale_loss(closure_loss)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self.active_block is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        block = self.blocks[self.active_block]
+
+        def closure_then_check_grads() -> Any:
+            loss = closure()
+            received = any(p.grad is not None for p in block.params)
+            if not received:
+                self._warn_no_grad(block)
+            stepping = received and (self.masters is None or self.masters.grads_to_masters(block))
+            # A None result makes the precision plugin skip the update, GradScaler included (it raises on an
+            # optimizer without gradients); torch optimizers leave parameters without gradients alone anyway.
+            return loss if stepping else None
+
+        output = super().optimizer_step(optimizer, closure_then_check_grads, model, **kwargs)
+        if self.masters is not None:
+            self.masters.masters_to_weights(block)
+        return output
+
+    def _warn_no_grad(self, block: Block) -> None:
+        if block.index in self._warned_no_grad:
+            return
+        self._warned_no_grad.add(block.index)
+        rank_zero_warn(
+            f"HiFT: block {block.index} ({', '.join(block.unit_names)}) received no gradient, so its step was"
+            " skipped. If those parameters do not contribute to the loss, freeze them with `frozen=`."
+        )
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
@@ -206,6 +271,7 @@ class HiFTStrategy(SingleDeviceStrategy):
         if self.placement is not None:
             self.deactivate()
             self.placement = None
+            self.masters = None
         # Hand the model back with the trainable flags it came with.
         for p in self._unfrozen_at_start:
             p.requires_grad_(True)

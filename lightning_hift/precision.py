@@ -1,0 +1,159 @@
+"""fp32 master weights for half-precision training ("Mixed^Hi" in the HiFT paper).
+
+Under ``Trainer(precision="bf16-true")`` or ``"16-true"`` the model's weights stay in half precision on the
+device. Updating them directly loses every update smaller than half a unit in the last place of the weight
+(bf16 keeps 8 significant bits), so a small learning rate would not move the model at all. Here each trainable
+parameter has an fp32 master copy; only the active block's masters are on the device, the rest wait in host
+memory. The user's optimizer holds the masters instead of the half weights (substituted once, when fitting
+starts), receives fp32 gradients, and after each step the half weights are refreshed from the masters.
+
+Under ``"16-true"`` the loss is scaled dynamically so that small fp16 gradients do not flush to zero; a step
+whose gradients overflow is skipped (no master, weight or optimizer state changes) and the scale is halved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_hift.blocks import Block
+from lightning_hift.optim_state import HOST, PinnedBuffers, Place
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 gradients: halve on overflow, double after ``growth_interval`` good steps."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 1000) -> None:
+        self.scale = scale
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale = max(self.scale / 2, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+class MasterWeights:
+    """The fp32 masters of every block, placed like optimizer state: the active block's on the device.
+
+    Args:
+        blocks: the partition (its params are the half-precision weights).
+        optimizer: the user's optimizer, built over the half weights; its params are replaced by their masters.
+        device: the compute device.
+        scaler: a loss scaler under fp16, None under bf16.
+    """
+
+    def __init__(self, blocks: list[Block], optimizer: Optimizer, device: torch.device, scaler: LossScaler | None):
+        self.blocks = blocks
+        self.device = device
+        self.scaler = scaler
+        self.skipped_steps = 0
+        self._master: dict[int, nn.Parameter] = {}
+        self._places: list[Place] = ["host"] * len(blocks)
+        self._pinned = PinnedBuffers()
+        for block in blocks:
+            for p in block.params:
+                master = nn.Parameter(p.detach().float().to(HOST, copy=True), requires_grad=False)
+                self._master[id(p)] = master
+        self._substitute(optimizer)
+
+    def masters(self, block: Block) -> list[nn.Parameter]:
+        """The masters of ``block``, in the order of ``block.params``: the tensors the optimizer updates."""
+        return [self._master[id(p)] for p in block.params]
+
+    def where(self, block: Block) -> Place:
+        return self._places[block.index]
+
+    def to_device(self, block: Block) -> None:
+        for master in self.masters(block):
+            master.data = master.data.to(self.device, non_blocking=True)
+        self._places[block.index] = "device"
+
+    def to_host(self, block: Block) -> None:
+        for master in self.masters(block):
+            master.grad = None
+            if master.device.type != HOST.type:
+                master.data = self._pinned.copy(master, "master", master.data)
+        self._places[block.index] = "host"
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        # Scaled in fp32: an fp16 loss times 2**16 would itself overflow before any gradient does.
+        return loss.float() * self.scaler.scale if self.scaler is not None else loss
+
+    def grads_to_masters(self, block: Block) -> bool:
+        """Move the half gradients of ``block`` into fp32 master gradients; False if the step must be skipped.
+
+        The step is skipped when no parameter of the block received a gradient, or when a gradient is not
+        finite under loss scaling; the masters then get no gradient, so the optimizer leaves them alone.
+        """
+        unscale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        received = False
+        for p, master in zip(block.params, self.masters(block), strict=True):
+            if p.grad is not None:
+                master.grad = p.grad.float().mul_(unscale) if unscale != 1.0 else p.grad.float()
+                p.grad = None
+                received = True
+        if self.scaler is None:
+            return received
+        grads = [m.grad for m in self.masters(block) if m.grad is not None]
+        # One host sync for the whole block rather than one per tensor.
+        overflow = received and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        self.scaler.update(overflow)
+        if overflow:
+            self.skipped_steps += 1
+            for master in self.masters(block):
+                master.grad = None
+        return received and not overflow
+
+    def masters_to_weights(self, block: Block) -> None:
+        with torch.no_grad():
+            for p, master in zip(block.params, self.masters(block), strict=True):
+                p.copy_(master)
+                master.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        masters = [m.detach().to(HOST) for block in self.blocks for m in self.masters(block)]
+        return {"masters": masters, "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["masters"]
+        mine = [m for block in self.blocks for m in self.masters(block)]
+        if len(saved) != len(mine) or any(s.shape != m.shape for s, m in zip(saved, mine, strict=False)):
+            raise ValueError("The checkpoint's fp32 master weights do not match this model's blocks.")
+        with torch.no_grad():
+            for s, m in zip(saved, mine, strict=True):
+                m.copy_(s)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def _substitute(self, optimizer: Optimizer) -> None:
+        # Done once when fitting starts: afterwards the optimizer's param groups are never touched again.
+        for group in optimizer.param_groups:
+            group["params"] = [self._master.get(id(p), p) for p in group["params"]]
+        for old in list(optimizer.state):
+            master = self._master.get(id(old))
+            if master is not None:
+                state = optimizer.state.pop(old)
+                # Eagerly created state (Adagrad's) was made in half precision for the half weights.
+                optimizer.state[master] = {
+                    key: value.to(self.device, torch.float32) if _is_float_tensor(value) and key != "step" else value
+                    for key, value in state.items()
+                }
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()

@@ -1,0 +1,161 @@
+"""Precision under HiFT: Lightning's plugins, fp32 masters for half weights, skipped overflow steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.plugins import MixedPrecision
+from torch import Tensor
+
+from lightning_hift import HiFTCallback, HiFTStrategy
+from lightning_hift.memory import snapshot
+from tests.helpers.modules import StepRecorder, TinyModule, fit
+
+UNITS = 6
+
+
+def cpu_fp16_amp() -> MixedPrecision:
+    # Lightning turns "16-mixed" on CPU into bf16; this keeps fp16 autocast and a real GradScaler on CPU.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "16-true", "fp16-amp"])
+@pytest.mark.parametrize("mode", ["offload", "reset", "keep"])
+def test_each_precision_trains_with_each_state_mode(precision: str, mode: str) -> None:
+    recorder = StepRecorder()
+    kwargs: dict[str, Any] = {"plugins": [cpu_fp16_amp()]} if precision == "fp16-amp" else {"precision": precision}
+    trainer = fit(TinyModule(lr=1e-2), HiFTStrategy(optimizer_state=mode), UNITS + 2, [recorder], **kwargs)
+    blocks = [set(block.names) for block in trainer.strategy.blocks]  # type: ignore[attr-defined]
+    for active, changed in zip(recorder.active, recorder.changed, strict=True):
+        assert active is not None
+        assert changed <= blocks[active]
+    # Dynamic loss scaling starts high and skips the first step, which overflows fp16; every other step trains.
+    skipped = [step for step, changed in enumerate(recorder.changed) if not changed]
+    assert skipped == ([0] if precision == "16-true" else [])
+
+
+class BlowUpAt(TinyModule):
+    """Multiplies the loss by inf at one optimizer step: every gradient overflows."""
+
+    def __init__(self, step: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.blow_up_at = step
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.blow_up_at else loss
+
+
+class StateRecorder(Callback):
+    def __init__(self) -> None:
+        self.state: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        optimizer = trainer.optimizers[0]
+        self.state.append(
+            {f"{id(p)}.{k}": v.clone() for p, s in optimizer.state.items() for k, v in s.items() if k != "step"}
+        )
+
+
+@pytest.mark.parametrize("precision", ["16-true", "fp16-amp"])
+def test_an_overflowing_step_changes_nothing(precision: str) -> None:
+    recorder, states = StepRecorder(), StateRecorder()
+    kwargs: dict[str, Any] = {"plugins": [cpu_fp16_amp()]} if precision == "fp16-amp" else {"precision": precision}
+    # A single block, so that the block that overflows also has optimizer state from the step before.
+    strategy = HiFTStrategy(layers_per_block=UNITS)
+    fit(BlowUpAt(step=3), strategy, 6, [states, recorder, HiFTCallback()], **kwargs)
+    assert recorder.changed[3] == set()
+    assert states.state[3].keys() == states.state[2].keys()
+    for key, value in states.state[3].items():
+        assert torch.equal(value, states.state[2][key]), key
+    assert recorder.changed[4], "training goes on after the skipped step"
+
+
+def test_16_true_loss_scale_halves_on_overflow() -> None:
+    scales: list[float] = []
+
+    class Scale(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            masters = trainer.strategy.masters  # type: ignore[attr-defined]
+            scales.append(masters.scaler.scale)
+
+    fit(BlowUpAt(step=2), HiFTStrategy(), 4, [Scale()], precision="16-true")
+    assert scales[2] == scales[1] / 2 and scales[3] == scales[2]
+
+
+class DanglingUnit(TinyModule):
+    """One of the repeated layers never takes part in the loss, so its block gets no gradient."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        hidden = self.net.embed(tokens)
+        for layer in list(self.net.layers)[:-1]:
+            hidden = hidden + layer(hidden)
+        logits = self.net.head(self.net.norm(hidden).mean(dim=1))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("precision", ["fp16-amp", "16-true", "32-true"])
+def test_a_block_without_gradient_is_skipped_not_fatal(precision: str) -> None:
+    recorder = StepRecorder()
+    kwargs: dict[str, Any] = {"plugins": [cpu_fp16_amp()]} if precision == "fp16-amp" else {"precision": precision}
+    with pytest.warns(UserWarning, match="received no gradient"):
+        fit(DanglingUnit(), HiFTStrategy(), UNITS, [recorder], **kwargs)
+    assert recorder.changed[4] == set()  # block 4 is the unused last layer
+    assert recorder.changed[5]
+
+
+def displacement(lr: float, precision: str, strategy: Any) -> tuple[Tensor, Tensor]:
+    """Flattened (weights after - weights before) and the fp32 view of the trained values."""
+    seed_everything(3)
+    module = TinyModule(optimizer="adamw", lr=lr)
+    start = torch.cat([p.detach().float().flatten().clone() for p in module.parameters()])
+    finals: list[Tensor] = []
+
+    class Masters(Callback):
+        def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            masters = getattr(trainer.strategy, "masters", None)
+            if masters is None:
+                finals.append(torch.cat([p.detach().float().flatten() for p in pl_module.parameters()]))
+                return
+            blocks = trainer.strategy.blocks  # type: ignore[attr-defined]
+            by_name = {n: m for b in blocks for n, m in zip(b.names, masters.masters(b), strict=True)}
+            finals.append(torch.cat([by_name[n].detach().flatten() for n, _ in pl_module.named_parameters()]))
+
+    fit(module, strategy, 4 * UNITS, [Masters()], precision=precision)
+    if precision == "bf16-true":
+        start = start.bfloat16().float()  # the weights (and so the masters) start from the rounded values
+    weights = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    return weights - start, finals[0] - start
+
+
+def test_bf16_masters_accumulate_updates_that_bf16_weights_alone_lose() -> None:
+    lr = 1e-5  # far below half an ulp of bf16 weights around 0.1-1
+    _, reference = displacement(lr, "32-true", HiFTStrategy())
+    _, masters = displacement(lr, "bf16-true", HiFTStrategy())
+    plain_weights, _ = displacement(lr, "bf16-true", "auto")
+    cosine = torch.nn.functional.cosine_similarity(masters, reference, dim=0)
+    assert cosine > 0.9
+    assert masters.norm() == pytest.approx(reference.norm().item(), rel=0.2)
+    assert plain_weights.norm() < 0.5 * reference.norm()  # most of plain bf16's updates round away
+
+
+def test_snapshot_places_masters_like_optimizer_state() -> None:
+    rows: list[tuple[int, Any]] = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            strategy = trainer.strategy
+            assert isinstance(strategy, HiFTStrategy) and strategy.active_block is not None
+            rows.append((strategy.active_block, snapshot(strategy)))
+
+    trainer = fit(TinyModule(), HiFTStrategy(), UNITS, [Probe(), HiFTCallback()], precision="bf16-true")
+    sizes = [block.numel() for block in trainer.strategy.blocks]  # type: ignore[attr-defined]
+    for active, taken in rows:
+        assert taken.get("masters", "device") == 4 * sizes[active]
+        assert taken.get("masters", "host") == 4 * (sum(sizes) - sizes[active])
+        assert taken.get("params", "device") == 2 * sum(sizes)
+        assert taken.get("optimizer_state", "device") == 8 * sizes[active]
