@@ -73,6 +73,7 @@ class HiFTCallback(Callback):
         self.delayed_lr.attach(trainer)
         self._last_global_step = trainer.global_step
         strategy.activate(self.order.current())
+        strategy.prefetch(self.order.block_at(self.order.position + 1))
 
     @override
     def on_train_batch_end(
@@ -91,6 +92,7 @@ class HiFTCallback(Callback):
         self.delayed_lr.after_optimizer_step(trainer, cycle_ended=slot_ended and self.order.at_cycle_end)
         if slot_ended:
             strategy.activate(self.order.advance())
+            strategy.prefetch(self.order.block_at(self.order.position + 1))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_hift.blocks import partition
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import HOST
+from lightning_hift.transfer import HOST
 
 if TYPE_CHECKING:
     from lightning_hift.strategy import HiFTStrategy

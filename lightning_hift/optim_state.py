@@ -10,7 +10,8 @@ The user's optimizer is never forked or wrapped: this module only moves or drops
 needed on the device only during its own turn.
 
 On a CPU-only machine host and device are the same memory: the moves are skipped and :meth:`where` is the
-bookkeeping that the accounting and the tests read.
+bookkeeping that the accounting and the tests read. On CUDA the copies run on a side stream
+(:mod:`lightning_hift.transfer`), and the next block's state can be prefetched while the current step computes.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.transfer import HOST, Transfer
 
 OptimizerStateMode = Literal["offload", "reset", "keep"]
 Place = Literal["device", "host", "absent"]
 MODES: tuple[str, ...] = ("offload", "reset", "keep")
-HOST = torch.device("cpu")
 
 
 def check_mode(mode: str) -> None:
@@ -52,6 +53,7 @@ class OptimizerStatePlacement:
         device: the compute device.
         keys: the tensors that key a block's state in ``optimizer.state``; by default the block's parameters
             (under half precision, their fp32 masters).
+        transfer: the copier to use; one is made for ``device`` by default.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class OptimizerStatePlacement:
         blocks: list[Block],
         device: torch.device,
         keys: Callable[[Block], Sequence[Tensor]] | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
         check_mode(mode)
         self.mode = mode
@@ -69,7 +72,7 @@ class OptimizerStatePlacement:
         self.device = device
         self.keys: Callable[[Block], Sequence[Tensor]] = keys or (lambda block: block.params)
         self._group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-        self._pinned = PinnedBuffers()
+        self.transfer = transfer or Transfer(device)
         self._places: list[Place] = ["absent"] * len(blocks)
         # Optimizers such as Adagrad create their state in __init__ and never again; "reset" must rebuild it.
         self._initial = self._capture_initial_state() if mode == "reset" else {}
@@ -86,13 +89,24 @@ class OptimizerStatePlacement:
         return self._places[block.index]
 
     def to_device(self, block: Block) -> None:
-        """Bring the block's state to the device for its turn."""
+        """Bring the block's state to the device for its turn (waiting for a prefetch if one was started)."""
+        prefetched = self.transfer.take(("state", block.index))
         for p in self.keys(block):
             if self.mode == "reset" and p in self._initial and p not in self.optimizer.state:
                 self.optimizer.state[p] = {key: make() for key, make in self._initial[p].items()}
             elif self.mode == "offload" and self.moves_memory:
-                self._move(p, to_host=False)
+                state = self.optimizer.state.get(p, {})
+                for key, value in self._movable(p):
+                    copy = prefetched.get((id(p), key))
+                    state[key] = copy if copy is not None else self.transfer.to_device(value)
         self._places[block.index] = "device"
+
+    def prefetch(self, block: Block) -> None:
+        """Start bringing an offloaded block's state to the device while the current step computes (CUDA)."""
+        if self.mode != "offload" or not self.moves_memory or self._places[block.index] != "host":
+            return
+        values = {(id(p), key): value for p in self.keys(block) for key, value in self._movable(p)}
+        self.transfer.prefetch(("state", block.index), values)
 
     def to_rest(self, block: Block) -> None:
         """Send the block's state to where it waits: host memory, nowhere, or the device."""
@@ -100,7 +114,7 @@ class OptimizerStatePlacement:
             if self.mode == "reset":
                 self.optimizer.state.pop(p, None)
             elif self.mode == "offload" and self.moves_memory:
-                self._move(p, to_host=True)
+                self._to_host(p)
         self._places[block.index] = self._rest_place(block)
 
     def load(self, state_dict: Mapping[str, Any]) -> None:
@@ -122,57 +136,34 @@ class OptimizerStatePlacement:
                 for key, value in state.items()
             }
             if self.mode == "offload" and self.moves_memory:
-                self._move(p, to_host=True)
+                self._to_host(p)
         for block in self.blocks:
             self._places[block.index] = self._rest_place(block)
 
     def synchronize(self) -> None:
         """Wait for copies in flight, before the host reads offloaded state (for a checkpoint, say)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.transfer.synchronize()
 
     def _rest_place(self, block: Block) -> Place:
         if not any(self.optimizer.state.get(p) for p in self.keys(block)):
             return "absent"
         return "host" if self.mode == "offload" else "device"
 
-    def _move(self, p: Tensor, to_host: bool) -> None:
-        state = self.optimizer.state.get(p)
-        if not state:
-            return
+    def _movable(self, p: Tensor) -> list[tuple[str, Tensor]]:
         group = self._group_of[p]
-        for key, value in state.items():
-            if isinstance(value, Tensor) and _moves_with_param(key, group):
-                state[key] = self._pinned.copy(p, key, value) if to_host else value.to(self.device, non_blocking=True)
+        state = self.optimizer.state.get(p, {})
+        return [(k, v) for k, v in state.items() if isinstance(v, Tensor) and _moves_with_param(k, group)]
+
+    def _to_host(self, p: Tensor) -> None:
+        state = self.optimizer.state.get(p, {})
+        for key, value in self._movable(p):
+            state[key] = self.transfer.to_host(p, key, value)
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {
             p: {key: _constant_maker(value, key, self.optimizer) for key, value in state.items()}
             for p, state in self.optimizer.state.items()
         }
-
-
-class PinnedBuffers:
-    """Host copies of device tensors in pinned buffers, one per (owner, name), allocated once and reused.
-
-    Pinning is slow and pinned memory is scarce, so buffers are never allocated per step. Copies are queued on
-    the current stream without blocking the host: after the kernels that wrote the value, and before any later
-    copy into or out of the same buffer. The host must :func:`torch.cuda.synchronize` before reading a buffer.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[int, str], Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def copy(self, owner: Tensor, name: str, value: Tensor) -> Tensor:
-        buffer = self._buffers.get((id(owner), name))
-        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-            buffer = torch.empty(value.shape, dtype=value.dtype, device=HOST, pin_memory=True)
-            self._buffers[(id(owner), name)] = buffer
-        buffer.copy_(value, non_blocking=True)
-        return buffer
 
 
 def _cast_like(value: Any, p: Tensor, device: torch.device) -> Any:

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
-from lightning_hift.optim_state import HOST, PinnedBuffers, Place
+from lightning_hift.optim_state import Place
+from lightning_hift.transfer import HOST, Transfer
 
 
 class LossScaler:
@@ -55,16 +56,24 @@ class MasterWeights:
         optimizer: the user's optimizer, built over the half weights; its params are replaced by their masters.
         device: the compute device.
         scaler: a loss scaler under fp16, None under bf16.
+        transfer: the copier to use; one is made for ``device`` by default.
     """
 
-    def __init__(self, blocks: list[Block], optimizer: Optimizer, device: torch.device, scaler: LossScaler | None):
+    def __init__(
+        self,
+        blocks: list[Block],
+        optimizer: Optimizer,
+        device: torch.device,
+        scaler: LossScaler | None,
+        transfer: Transfer | None = None,
+    ) -> None:
         self.blocks = blocks
         self.device = device
         self.scaler = scaler
+        self.transfer = transfer or Transfer(device)
         self.skipped_steps = 0
         self._master: dict[int, nn.Parameter] = {}
         self._places: list[Place] = ["host"] * len(blocks)
-        self._pinned = PinnedBuffers()
         for block in blocks:
             for p in block.params:
                 master = nn.Parameter(p.detach().float().to(HOST, copy=True), requires_grad=False)
@@ -79,15 +88,21 @@ class MasterWeights:
         return self._places[block.index]
 
     def to_device(self, block: Block) -> None:
+        prefetched = self.transfer.take(("master", block.index))
         for master in self.masters(block):
-            master.data = master.data.to(self.device, non_blocking=True)
+            copy = prefetched.get(id(master))
+            master.data = copy if copy is not None else self.transfer.to_device(master.data)
         self._places[block.index] = "device"
+
+    def prefetch(self, block: Block) -> None:
+        """Start bringing the block's masters to the device while the current step computes (CUDA)."""
+        if self._places[block.index] == "host":
+            self.transfer.prefetch(("master", block.index), {id(m): m.data for m in self.masters(block)})
 
     def to_host(self, block: Block) -> None:
         for master in self.masters(block):
             master.grad = None
-            if master.device.type != HOST.type:
-                master.data = self._pinned.copy(master, "master", master.data)
+            master.data = self.transfer.to_host(master, "master", master.data)
         self._places[block.index] = "host"
 
     def scale_loss(self, loss: Tensor) -> Tensor:
@@ -126,6 +141,7 @@ class MasterWeights:
                 master.grad = None
 
     def state_dict(self) -> dict[str, Any]:
+        self.transfer.synchronize()
         masters = [m.detach().to(HOST) for block in self.blocks for m in self.masters(block)]
         return {"masters": masters, "scaler": self.scaler.state_dict() if self.scaler else None}
 

@@ -30,6 +30,7 @@ from lightning_hift.blocks import Block, partition
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStatePlacement
 from lightning_hift.precision import LossScaler, MasterWeights
+from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec
 
 
@@ -140,22 +141,24 @@ class HiFTStrategy(SingleDeviceStrategy):
             self._setup_blocks()
         self.setup_precision_plugin()
         if fitting:
-            self.masters = self._make_masters()
+            transfer = Transfer(self.root_device)
+            self.masters = self._make_masters(transfer)
             self.placement = OptimizerStatePlacement(
                 self.optimizer_state_mode,
                 self.optimizers[0],
                 self.blocks,
                 self.root_device,
                 keys=self.masters.masters if self.masters is not None else None,
+                transfer=transfer,
             )
 
-    def _make_masters(self) -> MasterWeights | None:
+    def _make_masters(self, transfer: Transfer) -> MasterWeights | None:
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
         if not isinstance(self.precision_plugin, HalfPrecision):
             return None
         fp16 = self.precision_plugin._desired_input_dtype == torch.float16
         scaler = LossScaler() if fp16 else None
-        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler)
+        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer)
 
     def _check_automatic_optimization(self) -> None:
         module = self.lightning_module
@@ -190,6 +193,18 @@ class HiFTStrategy(SingleDeviceStrategy):
         for p in block.params:
             p.requires_grad_(True)
         self.active_block = index
+
+    def prefetch(self, index: int) -> None:
+        """Start bringing block ``index``'s optimizer state (and masters) to the device ahead of its turn.
+
+        On CUDA the copies overlap the current step; elsewhere this does nothing.
+        """
+        if index == self.active_block or self.placement is None:
+            return
+        block = self.blocks[index]
+        if self.masters is not None:
+            self.masters.prefetch(block)
+        self.placement.prefetch(block)
 
     def deactivate(self) -> None:
         """Freeze the active block, drop its gradients and send its optimizer state to rest."""
