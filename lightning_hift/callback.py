@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from typing_extensions import override
 
 from lightning_hift.errors import HiFTConfigError
@@ -53,6 +53,13 @@ class HiFTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._strategy(trainer)
+        fighting = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]  # type: ignore[attr-defined]
+        if fighting:
+            raise HiFTConfigError(
+                f"{', '.join(fighting)} changes requires_grad between epochs, and HiFT sets it every step: the two"
+                " would undo each other. Remove it; to keep parameters frozen, pass frozen=[...] to HiFTStrategy"
+                " or set requires_grad=False before fit."
+            )
         if stage == "fit":
             self.order, self.delayed_lr, self.steps, self._loaded, self._masters = None, None, 0, None, None
 
@@ -72,6 +79,7 @@ class HiFTCallback(Callback):
             self._loaded = None
         self.delayed_lr.attach(trainer)
         self._last_global_step = trainer.global_step
+        strategy.freeze()
         strategy.activate(self.order.current())
         strategy.prefetch(self.order.block_at(self.order.position + 1))
 

@@ -124,9 +124,7 @@ class MasterWeights:
                 received = True
         if self.scaler is None:
             return received
-        grads = [m.grad for m in self.masters(block) if m.grad is not None]
-        # One host sync for the whole block rather than one per tensor.
-        overflow = received and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        overflow = received and not all_finite([m.grad for m in self.masters(block) if m.grad is not None])
         self.scaler.update(overflow)
         if overflow:
             self.skipped_steps += 1
@@ -169,6 +167,11 @@ class MasterWeights:
                     key: value.to(self.device, torch.float32) if _is_float_tensor(value) and key != "step" else value
                     for key, value in state.items()
                 }
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element is finite, with one host sync for all the tensors rather than one per tensor."""
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
 def _is_float_tensor(value: Any) -> bool:

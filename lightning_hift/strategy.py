@@ -17,7 +17,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -29,7 +29,7 @@ from lightning_hift import lr, optim_state, orders
 from lightning_hift.blocks import Block, partition
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStatePlacement
-from lightning_hift.precision import LossScaler, MasterWeights
+from lightning_hift.precision import LossScaler, MasterWeights, all_finite
 from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec
 
@@ -49,6 +49,9 @@ class HiFTStrategy(SingleDeviceStrategy):
         layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
             automatically for known Hugging Face families and for any model with one repeated ModuleList.
         frozen: fnmatch patterns of parameter names never trained.
+        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
+            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
+            an error. Either way no non-finite value reaches the weights or the optimizer state.
         device: the compute device; by default the one the Trainer's accelerator gives.
     """
 
@@ -64,6 +67,7 @@ class HiFTStrategy(SingleDeviceStrategy):
         lr_update: str = "cycle",
         layers: LayersSpec = None,
         frozen: Sequence[str] = (),
+        on_nonfinite: str = "skip",
         device: _DEVICE | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -74,6 +78,8 @@ class HiFTStrategy(SingleDeviceStrategy):
         orders.check_order_name(order)
         optim_state.check_mode(optimizer_state)
         lr.check_mode(lr_update)
+        if on_nonfinite not in ("skip", "stop"):
+            raise HiFTConfigError(f"Unknown on_nonfinite={on_nonfinite!r}. Choose 'skip' or 'stop'.")
         if isinstance(frozen, str):
             raise HiFTConfigError(f"frozen={frozen!r} must be a list of patterns, e.g. frozen=[{frozen!r}].")
         super().__init__(
@@ -90,6 +96,8 @@ class HiFTStrategy(SingleDeviceStrategy):
         self.lr_update = lr_update
         self.layers = layers
         self.frozen = tuple(frozen)
+        self.on_nonfinite = on_nonfinite
+        self.skipped_nonfinite = 0
         self._device_given = device is not None
         # Set by the Trainer's accelerator connector to the devices the accelerator offers.
         self.parallel_devices: list[torch.device] | None = None
@@ -176,9 +184,16 @@ class HiFTStrategy(SingleDeviceStrategy):
         blocks = partition(module, self.layers_per_block, layers=self.layers, frozen=self.frozen)
         self.blocks = _only_optimized(blocks, self.optimizers[0])
         self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
+        self.active_block = None
+
+    def freeze(self) -> None:
+        """Freeze every parameter; training then unfreezes one block at a time. Undone at teardown.
+
+        Called when training starts rather than at setup, so that Lightning's model summary still shows the
+        model's own trainable parameters.
+        """
         for p in self._unfrozen_at_start:
             p.requires_grad_(False)
-        self.active_block = None
 
     def activate(self, index: int) -> None:
         """Make block ``index`` the only trainable one and bring its optimizer state to the device."""
@@ -244,19 +259,50 @@ class HiFTStrategy(SingleDeviceStrategy):
         block = self.blocks[self.active_block]
 
         def closure_then_check_grads() -> Any:
-            loss = closure()
-            received = any(p.grad is not None for p in block.params)
-            if not received:
-                self._warn_no_grad(block)
-            stepping = received and (self.masters is None or self.masters.grads_to_masters(block))
             # A None result makes the precision plugin skip the update, GradScaler included (it raises on an
             # optimizer without gradients); torch optimizers leave parameters without gradients alone anyway.
-            return loss if stepping else None
+            loss = closure()
+            grads = [p.grad for p in block.params if p.grad is not None]
+            if not grads:
+                self._warn_no_grad(block)
+                return None
+            if self._checks_nonfinite() and not all_finite(grads):
+                self._on_nonfinite(block)
+                for p in block.params:
+                    p.grad = None
+                return None
+            if self.masters is not None and not self.masters.grads_to_masters(block):
+                return None
+            return loss
 
         output = super().optimizer_step(optimizer, closure_then_check_grads, model, **kwargs)
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
+
+    def _checks_nonfinite(self) -> bool:
+        # With loss scaling, an overflow is routine: the scaler skips the step and lowers the scale itself.
+        amp_scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
+        return not amp_scaler and (self.masters is None or self.masters.scaler is None)
+
+    def _on_nonfinite(self, block: Block) -> None:
+        self.skipped_nonfinite += 1
+        where = f"block {block.index} ({', '.join(block.unit_names)}) at optimizer step {self._global_step()}"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"HiFT: non-finite gradients in {where}; nothing was updated, so the last checkpoint and the"
+                " weights are intact. Lower the learning rate, clip gradients (gradient_clip_val=...), or pass"
+                " on_nonfinite='skip' to skip such steps."
+            )
+        if self.skipped_nonfinite == 1:
+            rank_zero_warn(
+                f"HiFT: non-finite gradients in {where}; the step was skipped (nothing was updated). Later"
+                " skips are counted in `strategy.skipped_nonfinite`; pass on_nonfinite='stop' to stop instead."
+            )
+
+    def _global_step(self) -> int:
+        module = self.lightning_module
+        return module.trainer.global_step if module is not None and module._trainer is not None else 0
 
     def _warn_no_grad(self, block: Block) -> None:
         if block.index in self._warned_no_grad:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,36 +9,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Sampler
 
 from lightning_hift import HiFTStrategy
-from tests.helpers.modules import TinyModule
+from tests.helpers.modules import ResumableTinyModule
 
 TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epoch and mid-cycle
-
-
-class SkipOnce(Sampler[int]):
-    """Sequential indices; the first pass starts at ``skip`` (the rest of an interrupted epoch)."""
-
-    def __init__(self, size: int, skip: int) -> None:
-        self.size, self.skip = size, skip
-
-    def __iter__(self) -> Iterator[int]:
-        start, self.skip = self.skip, 0
-        return iter(range(start, self.size))
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class ResumableTinyModule(TinyModule):
-    """Starts a resumed epoch at the first batch the interrupted run had not trained on."""
-
-    def train_dataloader(self) -> DataLoader:
-        # Checkpoints taken in on_train_batch_end count that batch as processed, not yet as completed.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        sampler = SkipOnce(len(self.data), done * self.batch_size)
-        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
 
 
 def train(tmp_path: Path, strategy: dict[str, Any], ckpt_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers.optimization import Adafactor
 
 VOCAB, WIDTH, CLASSES, SEQ = 32, 16, 4, 6
@@ -141,3 +141,27 @@ class StepRecorder(Callback):
         self.places.append([strategy.placement.where(b) for b in blocks])  # type: ignore[attr-defined]
         state = trainer.optimizers[0].state
         self.has_state.append([all(state.get(p) for p in b.params) for b in blocks])
+
+
+class SkipOnce(Sampler[int]):
+    """Sequential indices; the first pass starts at ``skip`` (the rest of an interrupted epoch)."""
+
+    def __init__(self, size: int, skip: int) -> None:
+        self.size, self.skip = size, skip
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.skip = self.skip, 0
+        return iter(range(start, self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableTinyModule(TinyModule):
+    """Starts a resumed epoch at the first batch the interrupted run had not trained on."""
+
+    def train_dataloader(self) -> DataLoader:
+        # Checkpoints taken in on_train_batch_end count that batch as processed, not yet as completed.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        sampler = SkipOnce(len(self.data), done * self.batch_size)
+        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)

@@ -1,0 +1,213 @@
+"""Bad input fails before the first optimizer step with a message that names what to change.
+
+One table: strategy arguments, model, Trainer set-up, data, checkpoint and Hydra configuration. Every case that
+reaches ``trainer.fit`` also checks that no step was taken and no parameter changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
+from omegaconf.errors import MissingMandatoryValue
+
+from lightning_hift import HiFTCallback, HiFTConfigError, HiFTStrategy
+from lightning_hift.tasks import TextFileDataModule, TweetSentimentDataModule
+from tests.helpers.modules import TinyModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class NoRepeatedLayers(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16)])  # type: ignore[assignment]
+
+
+class ManualOptimization(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(TinyModule):
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.net.layers.parameters(), lr=0.1), torch.optim.SGD(self.net.head.parameters())]
+
+
+class NoOptimizer(TinyModule):
+    def configure_optimizers(self) -> Any:
+        return None
+
+
+def all_frozen() -> TinyModule:
+    module = TinyModule()
+    module.requires_grad_(False)
+    return module
+
+
+def fit_fails(
+    make_module: Callable[[], TinyModule] = TinyModule,
+    strategy: Any = None,
+    ckpt_path: Path | None = None,
+    **trainer_kwargs: Any,
+) -> None:
+    """Fit; the caller expects an exception. Afterwards: no optimizer step, no parameter changed."""
+    start = torch.load(ckpt_path, weights_only=True)["global_step"] if ckpt_path else 0
+    module = make_module()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    trainer = Trainer(
+        accelerator="cpu",
+        strategy=strategy if strategy is not None else HiFTStrategy(),
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        **trainer_kwargs,
+    )
+    try:
+        trainer.fit(module, ckpt_path=ckpt_path)
+    finally:
+        assert trainer.global_step in (0, start)  # 0 when it failed before the loops were restored
+        if ckpt_path is None:
+            for name, p in module.named_parameters():
+                assert torch.equal(p, before[name]), name
+
+
+def checkpoint(tmp_path: Path, **strategy: Any) -> Path:
+    """A checkpoint written by a short HiFT run with the given strategy arguments."""
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = Trainer(
+        accelerator="cpu",
+        strategy=HiFTStrategy(**strategy),
+        max_steps=2,
+        callbacks=[saver],
+        logger=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(TinyModule())
+    return tmp_path / "step=2.ckpt"
+
+
+def tweets_csv(tmp_path: Path, header: str, rows: list[str]) -> Path:
+    path = tmp_path / "tweets.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def hydra_compose(overrides: list[str]) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+        str(cfg.task.data.train_file)  # resolving a ??? value raises
+
+
+Case = tuple[Callable[[Path], Any], type[BaseException], str]
+
+CASES: dict[str, Case] = {
+    # strategy arguments, at construction
+    "layers_per_block=0": (lambda _: HiFTStrategy(layers_per_block=0), HiFTConfigError, "layers_per_block"),
+    "layers_per_block=1.5": (lambda _: HiFTStrategy(layers_per_block=1.5), HiFTConfigError, "layers_per_block"),  # type: ignore[arg-type]
+    "switch_every=0": (lambda _: HiFTStrategy(switch_every=0), HiFTConfigError, "switch_every"),
+    "unknown order": (lambda _: HiFTStrategy(order="sideways"), HiFTConfigError, "order"),
+    "unknown optimizer_state": (lambda _: HiFTStrategy(optimizer_state="disk"), HiFTConfigError, "optimizer_state"),
+    "unknown lr_update": (lambda _: HiFTStrategy(lr_update="never"), HiFTConfigError, "lr_update"),
+    "unknown on_nonfinite": (lambda _: HiFTStrategy(on_nonfinite="ignore"), HiFTConfigError, "on_nonfinite"),
+    "frozen as a string": (lambda _: HiFTStrategy(frozen="net.embed.*"), HiFTConfigError, "frozen"),  # type: ignore[arg-type]
+    # model and Trainer set-up, at fit start
+    "layers path missing": (
+        lambda _: fit_fails(strategy=HiFTStrategy(layers="net.missing")),
+        HiFTConfigError,
+        "layers='net.missing'",
+    ),
+    "layers path not a list": (
+        lambda _: fit_fails(strategy=HiFTStrategy(layers="net.head")),
+        HiFTConfigError,
+        "layers",
+    ),
+    "no repeated layers": (lambda _: fit_fails(NoRepeatedLayers), HiFTConfigError, "layers="),
+    "nothing trainable": (lambda _: fit_fails(all_frozen), HiFTConfigError, "requires grad"),
+    "frozen matches nothing": (
+        lambda _: fit_fails(strategy=HiFTStrategy(frozen=["net.embeddings.*"])),
+        HiFTConfigError,
+        "frozen",
+    ),
+    "everything frozen by pattern": (
+        lambda _: fit_fails(strategy=HiFTStrategy(frozen=["*"])),
+        HiFTConfigError,
+        "frozen",
+    ),
+    "manual optimization": (lambda _: fit_fails(ManualOptimization), HiFTConfigError, "automatic"),
+    "two optimizers": (lambda _: fit_fails(TwoOptimizers), Exception, "multiple optimizers"),
+    "no optimizer": (lambda _: fit_fails(NoOptimizer), HiFTConfigError, "optimizer"),
+    "two devices": (lambda _: fit_fails(devices=2), HiFTConfigError, "devices=1"),
+    "BaseFinetuning": (
+        lambda _: fit_fails(callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)]),
+        HiFTConfigError,
+        "frozen=",
+    ),
+    "HiFTCallback without HiFT": (
+        lambda _: fit_fails(strategy="auto", callbacks=[HiFTCallback()]),
+        HiFTConfigError,
+        "strategy='hift'",
+    ),
+    # checkpoints
+    "resume with another layers_per_block": (
+        lambda tmp: fit_fails(strategy=HiFTStrategy(layers_per_block=2), ckpt_path=checkpoint(tmp)),
+        HiFTConfigError,
+        "layers_per_block",
+    ),
+    "resume with another order": (
+        lambda tmp: fit_fails(strategy=HiFTStrategy(order="random"), ckpt_path=checkpoint(tmp)),
+        HiFTConfigError,
+        "order",
+    ),
+    "resume with another lr_update": (
+        lambda tmp: fit_fails(strategy=HiFTStrategy(lr_update="step"), ckpt_path=checkpoint(tmp)),
+        HiFTConfigError,
+        "lr_update",
+    ),
+    "resume a different model": (
+        lambda tmp: fit_fails(NoRepeatedLayers, HiFTStrategy(layers="net.layers"), ckpt_path=checkpoint(tmp)),
+        RuntimeError,
+        "state_dict",
+    ),
+    # data
+    "tweets file missing": (
+        lambda tmp: TweetSentimentDataModule(csv_path=tmp / "nope.csv"),
+        FileNotFoundError,
+        "nope.csv",
+    ),
+    "tweets column missing": (
+        lambda tmp: TweetSentimentDataModule(
+            tokenizer="minilm", csv_path=tweets_csv(tmp, "sentiment,body", ["positive,hi"])
+        ).setup("fit"),
+        ValueError,
+        "text",
+    ),
+    "files: unsupported extension": (
+        lambda tmp: TextFileDataModule(tmp / "data.parquet").setup("fit"),
+        ValueError,
+        r"\.csv",
+    ),
+    # Hydra configuration
+    "hydra: missing required value": (lambda _: hydra_compose(["task=files"]), MissingMandatoryValue, "train_file"),
+    "hydra: unknown group option": (lambda _: hydra_compose(["hift=sideways"]), ConfigCompositionException, "sideways"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case: str, tmp_path: Path) -> None:
+    action, error, message = CASES[case]
+    with pytest.raises(error, match=message):
+        action(tmp_path)
+
+
+def test_the_table_is_long_enough() -> None:
+    assert len(CASES) >= 15
