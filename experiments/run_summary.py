@@ -1,0 +1,67 @@
+"""What a training run reports: peak memory, a metrics.json in the run folder, and a small summary table."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import Strategy
+
+from lightning_hift import HiFTStrategy
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak memory in bytes: the process's resident set size, and CUDA tensors when ``device`` is a GPU.
+
+    The resident-set peak covers the whole process, so in a multirun it is the largest of the jobs so far; the CUDA
+    peak counts from the last ``torch.cuda.reset_peak_memory_stats()``.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux counts ru_maxrss in KiB, macOS in bytes.
+    peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    if device.type == "cuda":
+        peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
+def describe_strategy(strategy: Strategy) -> str:
+    """A short name: ``hift bottom2up m=1`` for HiFT, the class name for any other strategy."""
+    if isinstance(strategy, HiFTStrategy):
+        return f"hift {strategy.order} m={strategy.layers_per_block}"
+    return type(strategy).__name__
+
+
+def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
+    """Write ``metrics`` as indented JSON, creating the folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def format_summary(metrics: Mapping[str, Any], metric: str) -> str:
+    """The few figures worth comparing between runs, one per line."""
+    rows = {
+        metric: _number(metrics.get(metric)),
+        "seconds / step": _number(metrics.get("seconds_per_step")),
+        "peak memory": " / ".join(
+            f"{_gib(metrics[key])} {label}"
+            for key, label in (("peak_rss_bytes", "RSS"), ("peak_cuda_bytes", "CUDA"))
+            if key in metrics
+        ),
+        "strategy": str(metrics.get("strategy")),
+        "steps": str(metrics.get("steps")),
+    }
+    width = max(len(name) for name in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows.items())
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"

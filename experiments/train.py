@@ -1,0 +1,94 @@
+"""Train with Hydra: fine-tune a pretrained model on a task, block-wise (HiFT) or in full, from conf/.
+
+    python experiments/train.py                              # MiniLM on tweets, HiFT, CPU (a few minutes)
+    python experiments/train.py hift=fpft                    # the same run as plain full fine-tuning
+    python experiments/train.py hift=top2down hift.strategy.layers_per_block=2 optimizer=sgd lr=1e-2
+    python experiments/train.py experiment=smollm2_lm trainer=gpu
+    python experiments/train.py sweep=hift_grid              # multirun: order x layers per block x optimizer
+    python experiments/train.py --cfg job                    # print the composed config and stop
+
+Each run writes its folder (outputs/ or multirun/): the composed config in .hydra/, the log, the logger's files
+and metrics.json (test metrics, median seconds per optimizer step, steps, peak memory).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers is imported: it reads the switch once, and the offline models must never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from run_summary import describe_strategy, format_summary, peak_memory, write_metrics
+
+import lightning_hift  # noqa: F401  (registers strategy="hift" and the other names)
+from lightning_hift.tasks import StepTimer
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train and test as ``cfg`` says; return the metric a sweep optimises (``cfg.metric``)."""
+    metrics = train(cfg)
+    # Hydra's logging prints this and keeps it in the run folder's train.log.
+    log.info("Run folder %s\n%s", cfg.output_dir, format_summary(metrics, cfg.metric))
+    return metrics.get(cfg.metric)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test, and write ``metrics.json`` into ``cfg.output_dir``; return what it holds."""
+    seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_initialized():  # by an earlier job of this multirun
+        torch.cuda.reset_peak_memory_stats()
+    data: LightningDataModule = instantiate(cfg.task.data)
+    module = build_module(cfg.task.module, data)
+    timer = StepTimer()
+    callbacks = [timer, *build_callbacks(cfg.get("callbacks"))]
+    trainer: Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=instantiate(cfg.logger) if cfg.get("logger") else False,
+        # Lightning would add a ModelCheckpoint of its own; checkpoints are saved only when one is configured.
+        enable_checkpointing=any(isinstance(callback, ModelCheckpoint) for callback in callbacks),
+    )
+    trainer.fit(module, datamodule=data)
+    results: dict[str, Any] = {}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(module, datamodule=data, ckpt_path=best or None)[0]
+    metrics = {
+        **results,
+        "metric": cfg.metric,
+        "seconds_per_step": timer.median_seconds if timer.seconds else None,
+        "steps": trainer.global_step,
+        "strategy": describe_strategy(trainer.strategy),
+        **peak_memory(trainer.strategy.root_device),
+    }
+    write_metrics(Path(cfg.output_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def build_module(cfg: DictConfig, data: LightningDataModule) -> LightningModule:
+    """Instantiate the task's module; a classifier's head size (``num_labels: ???``) comes from the data."""
+    if OmegaConf.is_missing(cfg, "num_labels"):
+        return instantiate(cfg, num_labels=data.num_classes)  # type: ignore[attr-defined]
+    return instantiate(cfg)
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """One callback per node of the callbacks group (e.g. ``callbacks=checkpoint``); none by default."""
+    return [instantiate(node) for node in (cfg or {}).values()]
+
+
+if __name__ == "__main__":
+    main()
