@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-offline.txt
 install: $(VENV)/.installed
 
 train: install
-	HF_HUB_OFFLINE=1 $(BIN)/python experiments/quickstart.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/train.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check lightning_hift tests experiments

@@ -29,9 +29,11 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from run_summary import describe_strategy, format_summary, peak_memory, write_metrics
+from transformers import PreTrainedModel
 
 import lightning_hift  # noqa: F401  (registers strategy="hift" and the other names)
 from lightning_hift.tasks import StepTimer
+from lightning_hift.tasks.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Lightning would add a ModelCheckpoint of its own; checkpoints are saved only when one is configured.
         enable_checkpointing=any(isinstance(callback, ModelCheckpoint) for callback in callbacks),
     )
-    trainer.fit(module, datamodule=data)
+    if cfg.fit:
+        trainer.fit(module, datamodule=data)
     results: dict[str, Any] = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -75,7 +78,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **peak_memory(trainer.strategy.root_device),
     }
     write_metrics(Path(cfg.output_dir) / "metrics.json", metrics)
+    if cfg.export:
+        export(module, cfg.model.name_or_path, Path(cfg.output_dir) / "model")
     return metrics
+
+
+def export(module: LightningModule, tokenizer_name: str, folder: Path) -> None:
+    """Write the wrapped transformers model and its tokenizer with ``save_pretrained``."""
+    model = getattr(module, "model", None)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"export=true needs a module with a transformers `model`; {type(module).__name__} has none.")
+    model.save_pretrained(folder)
+    load_tokenizer(tokenizer_name).save_pretrained(folder)
+    log.info("Exported the model to %s", folder)
 
 
 def build_module(cfg: DictConfig, data: LightningDataModule) -> LightningModule:

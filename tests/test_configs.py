@@ -283,6 +283,16 @@ def test_train_tests_the_best_checkpoint(train_script: ModuleType, tmp_path: Pat
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+def test_train_exports_a_hugging_face_folder(train_script: ModuleType, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = compose_train("export=true", "max_steps=2", "batch_size=16", *TINY_DATA["tweets"], output_dir=tmp_path)
+    train_script.train(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert model.config.num_labels == 2
+    assert AutoTokenizer.from_pretrained(tmp_path / "model")("hello")["input_ids"]
+
+
 @pytest.mark.slow
 def test_train_runs_the_language_model(train_script: ModuleType, tmp_path: Path) -> None:
     overrides = [*TINY_DATA["lm_tweets"], "task.data.block_size=32", "trainer=debug"]

@@ -19,10 +19,12 @@ TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epo
 def train(tmp_path: Path, strategy: dict[str, Any], ckpt_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     seed_everything(11)
     module = ResumableTinyModule(schedule=(4, TOTAL), optimizer=strategy.pop("optimizer", "adamw"))
+    precision = strategy.pop("precision", "32-true")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=CUT, save_top_k=-1, filename="{step}")
     trainer = Trainer(
         accelerator="cpu",
         strategy=HiFTStrategy(**strategy),
+        precision=precision,
         max_steps=TOTAL,
         callbacks=[checkpoint],
         logger=False,
@@ -46,16 +48,51 @@ def assert_resume_is_exact(tmp_path: Path, accumulate: int = 1, **strategy: Any)
 @pytest.mark.parametrize("order", ["bottom2up", "top2down", "random"])
 @pytest.mark.parametrize("optimizer_state", ["offload", "reset", "keep"])
 @pytest.mark.parametrize("lr_update", ["cycle", "stretched", "step"])
-def test_resume_matrix(tmp_path: Path, order: str, optimizer_state: str, lr_update: str) -> None:
-    assert_resume_is_exact(tmp_path, order=order, optimizer_state=optimizer_state, lr_update=lr_update)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_matrix(tmp_path: Path, order: str, optimizer_state: str, lr_update: str, accumulate: int) -> None:
+    assert_resume_is_exact(
+        tmp_path, accumulate=accumulate, order=order, optimizer_state=optimizer_state, lr_update=lr_update
+    )
 
 
 @pytest.mark.parametrize("order", ["bottom2up", "random"])
 @pytest.mark.parametrize("optimizer_state", ["offload", "reset"])
-def test_resume_with_accumulation_and_switch_every(tmp_path: Path, order: str, optimizer_state: str) -> None:
+def test_resume_with_switch_every(tmp_path: Path, order: str, optimizer_state: str) -> None:
     assert_resume_is_exact(tmp_path, accumulate=2, order=order, optimizer_state=optimizer_state, switch_every=3)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adafactor"])
 def test_resume_with_other_optimizers(tmp_path: Path, optimizer: str) -> None:
     assert_resume_is_exact(tmp_path, optimizer=optimizer, optimizer_state="offload")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_resume_under_half_precision_restores_the_fp32_masters(tmp_path: Path, precision: str) -> None:
+    assert_resume_is_exact(tmp_path, precision=precision)
+
+
+def _fit_from(strategy: Any, ckpt_path: Path | None, max_steps: int, save_to: Path | None = None) -> Trainer:
+    callbacks = [ModelCheckpoint(dirpath=save_to, every_n_train_steps=4, filename="{step}")] if save_to else []
+    trainer = Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=save_to is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ResumableTinyModule(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_plain_checkpoint_continues_under_hift_and_a_hift_one_under_plain_training(tmp_path: Path) -> None:
+    _fit_from("auto", None, 4, save_to=tmp_path / "plain")
+    hift = _fit_from(HiFTStrategy(), tmp_path / "plain" / "step=4.ckpt", 10, save_to=tmp_path / "hift")
+    assert hift.global_step == 10
+    callback = next(c for c in hift.callbacks if type(c).__name__ == "HiFTCallback")  # type: ignore[attr-defined]
+    assert callback.steps == 6  # the schedule starts at its first block when the checkpoint has none
+    plain = _fit_from("auto", tmp_path / "hift" / "step=8.ckpt", 12)
+    assert plain.global_step == 12
+    assert all(p.requires_grad for p in plain.lightning_module.parameters())

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
 from lightning_hift.tasks.models import load_causal_lm
-from lightning_hift.tasks.optim import OptimizerFactory, check_schedule_arguments, configure_warmup_decay
+from lightning_hift.tasks.optim import OptimizerFactory, WarmupDecayModule, check_schedule_arguments
 
 IGNORE_INDEX = -100
 """Label value that the loss and the perplexity skip (the transformers convention)."""
@@ -35,7 +33,7 @@ def mask_padding_labels(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch | {"labels": labels}
 
 
-class CausalLanguageModel(LightningModule):
+class CausalLanguageModel(WarmupDecayModule):
     """Fine-tunes a transformers ``...ForCausalLM`` model on next-token prediction.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``, padded on the right; labels of
@@ -93,21 +91,6 @@ class CausalLanguageModel(LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_ppl, "test")
-
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """The optimizer over all parameters, with a linear warm-up and decay stepped every optimizer step.
-
-        Raises:
-            ValueError: The Trainer has no finite length (set ``max_steps`` or ``max_epochs``).
-        """
-        return configure_warmup_decay(
-            self.model,
-            self.optimizer_factory,
-            lr=self.hparams["lr"],
-            weight_decay=self.hparams["weight_decay"],
-            warmup_ratio=self.hparams["warmup_ratio"],
-            total_steps=self.trainer.estimated_stepping_batches,
-        )
 
     def _evaluate(self, batch: dict[str, Tensor], perplexity: Perplexity, stage: str) -> None:
         batch = mask_padding_labels(batch)

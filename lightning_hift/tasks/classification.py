@@ -5,18 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 from transformers import PreTrainedModel
 
 from lightning_hift.tasks.models import load_sequence_classifier
-from lightning_hift.tasks.optim import OptimizerFactory, check_schedule_arguments, configure_warmup_decay
+from lightning_hift.tasks.optim import OptimizerFactory, WarmupDecayModule, check_schedule_arguments
 
 
-class SequenceClassifier(LightningModule):
+class SequenceClassifier(WarmupDecayModule):
     """Fine-tunes a transformers ``...ForSequenceClassification`` model on batches of token ids and labels.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels``. Logs ``train/loss``, and accuracy,
@@ -88,21 +86,6 @@ class SequenceClassifier(LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
-
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """The optimizer over all parameters, with a linear warm-up and decay stepped every optimizer step.
-
-        Raises:
-            ValueError: The Trainer has no finite length (set ``max_steps`` or ``max_epochs``).
-        """
-        return configure_warmup_decay(
-            self.model,
-            self.optimizer_factory,
-            lr=self.hparams["lr"],
-            weight_decay=self.hparams["weight_decay"],
-            warmup_ratio=self.hparams["warmup_ratio"],
-            total_steps=self.trainer.estimated_stepping_batches,
-        )
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: MetricCollection) -> None:
         logits = self(batch).logits

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -87,3 +88,26 @@ def configure_warmup_decay(
     built = optimizer(decay_param_groups(model.named_parameters(), weight_decay), lr=lr)
     schedule = partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=steps)
     return {"optimizer": built, "lr_scheduler": {"scheduler": LambdaLR(built, schedule), "interval": "step"}}
+
+
+class WarmupDecayModule(LightningModule):
+    """Base of the task modules: ``configure_optimizers`` from ``self.model``, ``self.optimizer_factory`` and the
+    ``lr``, ``weight_decay`` and ``warmup_ratio`` hyperparameters, as :func:`configure_warmup_decay` builds it."""
+
+    model: nn.Module
+    optimizer_factory: OptimizerFactory
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """The optimizer over all parameters, with a linear warm-up and decay stepped every optimizer step.
+
+        Raises:
+            ValueError: The Trainer has no finite length (set ``max_steps`` or ``max_epochs``).
+        """
+        return configure_warmup_decay(
+            self.model,
+            self.optimizer_factory,
+            lr=self.hparams["lr"],
+            weight_decay=self.hparams["weight_decay"],
+            warmup_ratio=self.hparams["warmup_ratio"],
+            total_steps=self.trainer.estimated_stepping_batches,
+        )
