@@ -16,7 +16,7 @@ bookkeeping that the accounting and the tests read. On CUDA the copies run on a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from typing import Any, Literal
 
@@ -186,11 +186,3 @@ def _constant_maker(value: Any, key: str, optimizer: Optimizer) -> Any:
     fill = flat[0].item() if flat.numel() else 0
     shape, dtype, device = value.shape, value.dtype, value.device
     return lambda: torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def state_tensors(optimizer: Optimizer, params: Iterable[Tensor]) -> Iterable[Tensor]:
-    """Every tensor in the optimizer state of ``params``."""
-    for p in params:
-        for value in optimizer.state.get(p, {}).values():
-            if isinstance(value, Tensor):
-                yield value

@@ -287,7 +287,9 @@ class HiFTStrategy(SingleDeviceStrategy):
 
     def _on_nonfinite(self, block: Block) -> None:
         self.skipped_nonfinite += 1
-        where = f"block {block.index} ({', '.join(block.unit_names)}) at optimizer step {self._global_step()}"
+        assert self.lightning_module is not None
+        step = self.lightning_module.trainer.global_step
+        where = f"block {block.index} ({', '.join(block.unit_names)}) at optimizer step {step}"
         if self.on_nonfinite == "stop":
             raise FloatingPointError(
                 f"HiFT: non-finite gradients in {where}; nothing was updated, so the last checkpoint and the"
@@ -299,10 +301,6 @@ class HiFTStrategy(SingleDeviceStrategy):
                 f"HiFT: non-finite gradients in {where}; the step was skipped (nothing was updated). Later"
                 " skips are counted in `strategy.skipped_nonfinite`; pass on_nonfinite='stop' to stop instead."
             )
-
-    def _global_step(self) -> int:
-        module = self.lightning_module
-        return module.trainer.global_step if module is not None and module._trainer is not None else 0
 
     def _warn_no_grad(self, block: Block) -> None:
         if block.index in self._warned_no_grad:

@@ -70,10 +70,7 @@ class CausalLanguageModel(WarmupDecayModule):
         if isinstance(model, str):
             model = load_causal_lm(model)
         self.save_hyperparameters(ignore=["model", "optimizer"])
-        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so dropout would stay off.
-        model.train()
-        self.model = model
-        self.optimizer_factory = optimizer
+        self.adopt(model, optimizer)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 

@@ -58,10 +58,7 @@ class SequenceClassifier(WarmupDecayModule):
         if num_classes is None or num_classes < 2:
             raise ValueError(f"The model's head has {num_classes} outputs; load it with num_labels >= 2.")
         self.save_hyperparameters(ignore=["model", "optimizer"])
-        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so dropout would stay off.
-        model.train()
-        self.model = model
-        self.optimizer_factory = optimizer
+        self.adopt(model, optimizer)
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),

@@ -97,6 +97,13 @@ class WarmupDecayModule(LightningModule):
     model: nn.Module
     optimizer_factory: OptimizerFactory
 
+    def adopt(self, model: nn.Module, optimizer: OptimizerFactory) -> None:
+        """Take ``model`` (in training mode) and the optimizer factory that ``configure_optimizers`` calls."""
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode, so dropout would stay off.
+        model.train()
+        self.model = model
+        self.optimizer_factory = optimizer
+
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """The optimizer over all parameters, with a linear warm-up and decay stepped every optimizer step.
 
