@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import Strategy
 
-from lightning_hift import HiFTStrategy
+from lightning_hift import HiFTStrategyBase
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -31,7 +31,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 def describe_strategy(strategy: Strategy) -> str:
     """A short name: ``hift bottom2up m=1`` for HiFT, the class name for any other strategy."""
-    if isinstance(strategy, HiFTStrategy):
+    if isinstance(strategy, HiFTStrategyBase):
         return f"hift {strategy.order} m={strategy.layers_per_block}"
     return type(strategy).__name__
 

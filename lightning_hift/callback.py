@@ -17,7 +17,7 @@ from lightning_hift.lr import DelayedLR
 from lightning_hift.memory import snapshot
 from lightning_hift.orders import BlockOrder, make_order
 from lightning_hift.precision import MasterWeights
-from lightning_hift.strategy import HiFTStrategy
+from lightning_hift.strategy import HiFTStrategyBase
 
 
 class HiFTCallback(Callback):
@@ -41,11 +41,11 @@ class HiFTCallback(Callback):
         self._masters: MasterWeights | None = None
 
     @staticmethod
-    def _strategy(trainer: pl.Trainer) -> HiFTStrategy:
+    def _strategy(trainer: pl.Trainer) -> HiFTStrategyBase:
         strategy = trainer.strategy
-        if not isinstance(strategy, HiFTStrategy):
+        if not isinstance(strategy, HiFTStrategyBase):
             raise HiFTConfigError(
-                f"HiFTCallback works with strategy='hift' (a HiFTStrategy), not {type(strategy).__name__}."
+                f"HiFTCallback works with a HiFT strategy ('hift', 'hift_ddp', ...), not {type(strategy).__name__}."
                 " Pass `strategy='hift'` to the Trainer, or remove the callback."
             )
         return strategy

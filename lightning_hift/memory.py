@@ -3,7 +3,7 @@
 :func:`estimate_memory` predicts the model-state bytes (parameters, gradients, optimizer state, fp32
 master copies) of full fine-tuning and of HiFT, by kind and by place (device or host), from a model, a
 Hugging Face config or a model folder; configs are built on the meta device, so no weights are needed.
-:func:`snapshot` measures the same quantities on a running :class:`~lightning_hift.HiFTStrategy`.
+:func:`snapshot` measures the same quantities on a running HiFT strategy.
 Activations and framework overhead are not model state and are not counted.
 
 Command line (prints the table)::
@@ -26,7 +26,7 @@ from lightning_hift.errors import HiFTConfigError
 from lightning_hift.transfer import HOST
 
 if TYPE_CHECKING:
-    from lightning_hift.strategy import HiFTStrategy
+    from lightning_hift.strategy import HiFTStrategyBase
 
 GIB = 2**30
 KINDS = ("params", "grads", "optimizer_state", "masters")
@@ -182,7 +182,7 @@ def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
     raise HiFTConfigError(f"transformers has no model class for model_type={config.model_type!r}.")
 
 
-def snapshot(strategy: HiFTStrategy) -> MemoryBreakdown:
+def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
     """Measure the live bytes of a HiFT run by kind and place.
 
     Parameters and gradients are placed by the device their tensors are on. Optimizer state and fp32 masters

@@ -18,7 +18,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -34,28 +34,12 @@ from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec
 
 
-class HiFTStrategy(SingleDeviceStrategy):
-    """Train every parameter, one block of ``layers_per_block`` units per optimizer step.
+class HiFTStrategyBase(Strategy):
+    """The HiFT mechanism, shared by :class:`HiFTStrategy` (one device) and ``HiFTDDPStrategy`` (many processes).
 
-    Args:
-        layers_per_block: units (embeddings, one layer, or the output end) per block.
-        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
-        seed: seed of the random order.
-        switch_every: optimizer steps a block stays active before the next one takes over.
-        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
-            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
-        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
-            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
-        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
-            automatically for known Hugging Face families and for any model with one repeated ModuleList.
-        frozen: fnmatch patterns of parameter names never trained.
-        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
-            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
-            an error. Either way no non-finite value reaches the weights or the optimizer state.
-        device: the compute device; by default the one the Trainer's accelerator gives.
+    Concrete strategies put this class before a Lightning strategy in their bases, and that strategy provides the
+    devices, processes and collectives. See :class:`HiFTStrategy` for the arguments.
     """
-
-    strategy_name = "hift"
 
     def __init__(
         self,
@@ -68,10 +52,7 @@ class HiFTStrategy(SingleDeviceStrategy):
         layers: LayersSpec = None,
         frozen: Sequence[str] = (),
         on_nonfinite: str = "skip",
-        device: _DEVICE | None = None,
-        accelerator: pl.accelerators.Accelerator | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+        **strategy_kwargs: Any,
     ) -> None:
         _check_positive_int("layers_per_block", layers_per_block)
         _check_positive_int("switch_every", switch_every)
@@ -82,12 +63,7 @@ class HiFTStrategy(SingleDeviceStrategy):
             raise HiFTConfigError(f"Unknown on_nonfinite={on_nonfinite!r}. Choose 'skip' or 'stop'.")
         if isinstance(frozen, str):
             raise HiFTConfigError(f"frozen={frozen!r} must be a list of patterns, e.g. frozen=[{frozen!r}].")
-        super().__init__(
-            device=device if device is not None else "cpu",
-            accelerator=accelerator,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
+        super().__init__(**strategy_kwargs)
         self.layers_per_block = layers_per_block
         self.order = order
         self.seed = seed
@@ -98,9 +74,6 @@ class HiFTStrategy(SingleDeviceStrategy):
         self.frozen = tuple(frozen)
         self.on_nonfinite = on_nonfinite
         self.skipped_nonfinite = 0
-        self._device_given = device is not None
-        # Set by the Trainer's accelerator connector to the devices the accelerator offers.
-        self.parallel_devices: list[torch.device] | None = None
         self.blocks: list[Block] = []
         self.active_block: int | None = None
         self.placement: OptimizerStatePlacement | None = None
@@ -108,20 +81,8 @@ class HiFTStrategy(SingleDeviceStrategy):
         self._unfrozen_at_start: list[Tensor] = []
         self._warned_no_grad: set[int] = set()
 
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        if not self._device_given and self.parallel_devices:
-            return self.parallel_devices[0]
-        return self._root_device
-
     @override
     def setup_environment(self) -> None:
-        if not self._device_given and self.parallel_devices and len(self.parallel_devices) > 1:
-            raise HiFTConfigError(
-                f"strategy='hift' trains on one device, but the Trainer offers {len(self.parallel_devices)}. Pass"
-                " `devices=1`, or use strategy='hift_ddp' to train on all of them."
-            )
         super().setup_environment()
         self._attach_callback()
 
@@ -141,7 +102,7 @@ class HiFTStrategy(SingleDeviceStrategy):
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self.model = self._setup_model(self.model)
+        self._sync_model_states()
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self._check_automatic_optimization()
@@ -159,6 +120,9 @@ class HiFTStrategy(SingleDeviceStrategy):
                 keys=self.masters.masters if self.masters is not None else None,
                 transfer=transfer,
             )
+
+    def _sync_model_states(self) -> None:
+        """Make the weights the same everywhere before training; one process has nothing to do."""
 
     def _make_masters(self, transfer: Transfer) -> MasterWeights | None:
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
@@ -262,10 +226,11 @@ class HiFTStrategy(SingleDeviceStrategy):
             # A None result makes the precision plugin skip the update, GradScaler included (it raises on an
             # optimizer without gradients); torch optimizers leave parameters without gradients alone anyway.
             loss = closure()
-            grads = [p.grad for p in block.params if p.grad is not None]
-            if not grads:
+            if all(p.grad is None for p in block.params):
                 self._warn_no_grad(block)
                 return None
+            self._reduce_grads(block)
+            grads = [p.grad for p in block.params if p.grad is not None]
             if self._checks_nonfinite() and not all_finite(grads):
                 self._on_nonfinite(block)
                 for p in block.params:
@@ -279,6 +244,9 @@ class HiFTStrategy(SingleDeviceStrategy):
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
+
+    def _reduce_grads(self, block: Block) -> None:
+        """Combine the block's gradients across processes before the step; one process has nothing to do."""
 
     def _checks_nonfinite(self) -> bool:
         # With loss scaling, an overflow is routine: the scaler skips the step and lowers the scale itself.
@@ -336,6 +304,81 @@ class HiFTStrategy(SingleDeviceStrategy):
             p.requires_grad_(True)
         self._unfrozen_at_start = []
         super().teardown()
+
+
+class HiFTStrategy(HiFTStrategyBase, SingleDeviceStrategy):
+    """Train every parameter, one block of ``layers_per_block`` units per optimizer step, on one device.
+
+    Args:
+        layers_per_block: units (embeddings, one layer, or the output end) per block.
+        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
+        seed: seed of the random order.
+        switch_every: optimizer steps a block stays active before the next one takes over.
+        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
+            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
+        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
+            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
+        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
+            automatically for known Hugging Face families and for any model with one repeated ModuleList.
+        frozen: fnmatch patterns of parameter names never trained.
+        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
+            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
+            an error. Either way no non-finite value reaches the weights or the optimizer state.
+        device: the compute device; by default the one the Trainer's accelerator gives.
+    """
+
+    strategy_name = "hift"
+
+    def __init__(
+        self,
+        layers_per_block: int = 1,
+        order: str = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: str = "offload",
+        lr_update: str = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] = (),
+        on_nonfinite: str = "skip",
+        device: _DEVICE | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            layers_per_block=layers_per_block,
+            order=order,
+            seed=seed,
+            switch_every=switch_every,
+            optimizer_state=optimizer_state,
+            lr_update=lr_update,
+            layers=layers,
+            frozen=frozen,
+            on_nonfinite=on_nonfinite,
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._device_given = device is not None
+        # Set by the Trainer's accelerator connector to the devices the accelerator offers.
+        self.parallel_devices: list[torch.device] | None = None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._device_given and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise HiFTConfigError(
+                f"strategy='hift' trains on one device, but the Trainer offers {len(self.parallel_devices)}. Pass"
+                " `devices=1`, or use strategy='hift_ddp' to train on all of them."
+            )
+        super().setup_environment()
 
     @classmethod
     @override

@@ -157,17 +157,17 @@ class StepRecorder(Callback):
 
 
 class SkipOnce(Sampler[int]):
-    """Sequential indices; the first pass starts at ``skip`` (the rest of an interrupted epoch)."""
+    """The given indices in order; the first pass starts at the ``skip``-th (the rest of an interrupted epoch)."""
 
-    def __init__(self, size: int, skip: int) -> None:
-        self.size, self.skip = size, skip
+    def __init__(self, indices: range, skip: int) -> None:
+        self.indices, self.skip = indices, skip
 
     def __iter__(self) -> Iterator[int]:
         start, self.skip = self.skip, 0
-        return iter(range(start, self.size))
+        return iter(self.indices[start:])
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.indices)
 
 
 class ResumableTinyModule(TinyModule):
@@ -176,5 +176,5 @@ class ResumableTinyModule(TinyModule):
     def train_dataloader(self) -> DataLoader:
         # Checkpoints taken in on_train_batch_end count that batch as processed, not yet as completed.
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        sampler = SkipOnce(len(self.data), done * self.batch_size)
+        sampler = SkipOnce(range(len(self.data)), done * self.batch_size)
         return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)

@@ -1,0 +1,293 @@
+"""HiFTDDPStrategy: HiFT on many processes and machines, with Lightning's DDP launchers and cluster environments.
+
+Plain DistributedDataParallel cannot serve HiFT: it registers its gradient hooks once for the parameters that
+require grad when it wraps the model, so switching blocks afterwards either raises or leaves gradients
+unsynchronised. This strategy therefore does not wrap the model. Every process holds the whole model and its own
+optimizer; the weights are broadcast from rank 0 at setup, and at each optimizer step only the active block's
+gradients are averaged across processes, in flat buckets. With k blocks that is about k times less traffic than
+DDP, which exchanges every gradient every step.
+
+* A bucket's all-reduce starts during the backward of the step's last micro-batch, as soon as its gradients are
+  ready and every earlier bucket has started: buckets always start in the same order on every process, so the
+  collectives match. The step waits for them, then the optimizer runs.
+* Micro-batches inside an accumulation window exchange nothing (Lightning's ``block_backward_sync``).
+* The block order is a function of the seed and the step count, so every process activates the same block
+  without talking; setup checks that all processes cut the model into the same blocks.
+* Optimizer state is placed (offloaded, dropped or kept) by each process for itself. As every process holds the
+  same weights and optimizer state, rank 0 saves the whole checkpoint, and it resumes on any number of processes,
+  or on one with ``strategy="hift"``.
+
+The parameters that receive a gradient must be the same on every process (as with DDP's default
+``find_unused_parameters=False``); a parameter of the active block without one contributes zeros to the average.
+Buffers are not synchronised after setup (no ``broadcast_buffers``), so running statistics such as BatchNorm's
+stay per process; ``sync_batchnorm`` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_hift.blocks import Block
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.strategy import HiFTStrategyBase
+from lightning_hift.units import LayersSpec
+
+
+def split_into_buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+    """Cut ``tensors`` into consecutive runs of one dtype and device, each at most ``bucket_bytes`` (or one tensor)."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for t in tensors:
+        current = buckets[-1] if buckets else None
+        fits = current is not None and size + t.nbytes <= bucket_bytes
+        if current is not None and fits and current[0].dtype == t.dtype and current[0].device == t.device:
+            current.append(t)
+            size += t.nbytes
+        else:
+            buckets.append([t])
+            size = t.nbytes
+    return buckets
+
+
+class GradientAverager:
+    """Averages the gradients of one block's parameters across the processes of a group, in flat buckets.
+
+    Buckets follow the parameters in reverse order, roughly the order in which backward produces their gradients.
+    While :attr:`listening`, a hook on each parameter notes its gradient as ready, and a bucket's all-reduce starts
+    once all its gradients are ready and the bucket before it has started. :meth:`finish` starts the rest (a
+    missing gradient counts as zeros), waits, and gives every parameter its averaged gradient, a view into the
+    bucket.
+
+    Args:
+        params: the block's parameters.
+        bucket_bytes: the largest bucket, in bytes (a larger tensor gets a bucket of its own).
+        group: the process group; the default group when None.
+    """
+
+    def __init__(self, params: Sequence[Tensor], bucket_bytes: int, group: Any = None) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.buckets = split_into_buckets(list(reversed(params)), bucket_bytes)
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.listening = False
+        self.bytes_last_step = 0
+        self.bytes_total = 0
+        self.collectives_total = 0
+        self._missing: list[int] = []
+        self._launched: list[tuple[Any, Tensor]] = []
+        self._reset()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+
+    def _reset(self) -> None:
+        self._missing = [len(bucket) for bucket in self.buckets]
+        self._launched = []
+
+    def _on_grad_ready(self, p: Tensor) -> None:
+        if not self.listening:
+            return
+        self._missing[self._bucket_of[id(p)]] -= 1
+        while len(self._launched) < len(self.buckets) and self._missing[len(self._launched)] == 0:
+            self._launch()
+
+    def _launch(self) -> None:
+        bucket = self.buckets[len(self._launched)]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._launched.append((work, flat))
+        self.bytes_last_step += flat.nbytes
+        self.collectives_total += 1
+
+    def finish(self) -> None:
+        """Start the buckets not started yet, wait for all, and write the averaged gradients back."""
+        while len(self._launched) < len(self.buckets):
+            self._launch()
+        for (work, flat), bucket in zip(self._launched, self.buckets, strict=True):
+            work.wait()
+            flat.div_(self.world_size)
+            for p, grad in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
+                p.grad = grad.view_as(p)
+        self.bytes_total += self.bytes_last_step
+        self._reset()
+
+    def begin_step(self) -> None:
+        """Forget what the last step sent; counters of the whole run are kept."""
+        self.bytes_last_step = 0
+
+    def close(self) -> None:
+        """Remove the hooks from the parameters."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
+    """HiFT on several devices or machines: Lightning's DDP processes, without the DDP wrapper.
+
+    Use it like ``strategy="ddp"``: ``Trainer(strategy="hift_ddp", devices=8, num_nodes=2)``, launched by Lightning,
+    torchrun or SLURM. Each process trains the same block on its share of the batch; only that block's gradients
+    are averaged.
+
+    Args:
+        layers_per_block, order, seed, switch_every, optimizer_state, lr_update, layers, frozen, on_nonfinite:
+            as for :class:`~lightning_hift.HiFTStrategy`; every process must get the same values.
+        bucket_cap_mb: the largest all-reduce bucket, in MiB (DDP's default is 25).
+        start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what
+            torchrun and SLURM use), ``"spawn"`` or ``"fork"``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin, process_group_backend,
+            timeout: as for Lightning's ``DDPStrategy``.
+    """
+
+    strategy_name = "hift_ddp"
+
+    def __init__(
+        self,
+        layers_per_block: int = 1,
+        order: str = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: str = "offload",
+        lr_update: str = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] = (),
+        on_nonfinite: str = "skip",
+        bucket_cap_mb: float = 25.0,
+        start_method: str = "popen",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if not bucket_cap_mb > 0:
+            raise HiFTConfigError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
+        super().__init__(
+            layers_per_block=layers_per_block,
+            order=order,
+            seed=seed,
+            switch_every=switch_every,
+            optimizer_state=optimizer_state,
+            lr_update=lr_update,
+            layers=layers,
+            frozen=frozen,
+            on_nonfinite=on_nonfinite,
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.bucket_bytes = int(bucket_cap_mb * 2**20)
+        self.averager: GradientAverager | None = None
+        self.bytes_reduced = 0
+        self._sync_blocked = False
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if self._layer_sync is not None:
+            raise HiFTConfigError(
+                "strategy='hift_ddp' does not synchronise batch-norm statistics. Remove `sync_batchnorm=True`."
+            )
+        super().setup(trainer)
+        if self.blocks:
+            self._check_same_blocks()
+
+    @override
+    def _sync_model_states(self) -> None:
+        # What the DDP wrapper does when it wraps a model: every process starts from rank 0's weights and buffers.
+        module = self.lightning_module
+        assert module is not None
+        tensors = [t.data for t in (*module.parameters(), *module.buffers())]
+        for bucket in split_into_buckets(tensors, self.bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.broadcast(flat, src=0)
+            for t, value in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+                t.copy_(value.view_as(t))
+
+    def _check_same_blocks(self) -> None:
+        mine = [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks]
+        mine_settings = (self.layers_per_block, self.order, self.seed, self.switch_every)
+        theirs, theirs_settings = self.broadcast((mine, mine_settings))
+        if mine != theirs or mine_settings != theirs_settings:
+            raise HiFTConfigError(
+                f"Process {self.global_rank} cut the model into different blocks, or has different HiFT settings,"
+                " than process 0. Give every process the same model and the same HiFTDDPStrategy arguments"
+                " (layers_per_block, order, seed, switch_every)."
+            )
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # Lightning enters this for every micro-batch of an accumulation window but the last.
+        self._sync_blocked = True
+        try:
+            yield None
+        finally:
+            self._sync_blocked = False
+
+    @override
+    def activate(self, index: int) -> None:
+        if index == self.active_block:
+            return
+        super().activate(index)
+        self.averager = GradientAverager(self.blocks[index].params, self.bucket_bytes)
+
+    @override
+    def deactivate(self) -> None:
+        if self.averager is not None:
+            self.averager.close()
+            self.averager = None
+        super().deactivate()
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self.averager is not None:
+            self.averager.listening = not self._sync_blocked
+        try:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        finally:
+            if self.averager is not None:
+                self.averager.listening = False
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.averager is not None:
+            self.averager.begin_step()
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    @override
+    def _reduce_grads(self, block: Block) -> None:
+        assert self.averager is not None
+        self.averager.finish()
+        self.bytes_reduced += self.averager.bytes_last_step
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        presets = {"hift_ddp": "popen", "hift_ddp_spawn": "spawn", "hift_ddp_fork": "fork"}
+        for name, start_method in presets.items():
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"{cls.__name__} with start_method={start_method!r}",
+                override=True,
+                start_method=start_method,
+            )

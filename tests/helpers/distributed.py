@@ -1,0 +1,89 @@
+"""What the multi-process tests need inside each process: a callback that writes down what the process did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from lightning_hift import HiFTDDPStrategy
+from tests.helpers.modules import SkipOnce, TinyModule
+
+
+class ShardedTinyModule(TinyModule):
+    """TinyModule whose process r reads samples r, r + W, r + 2W, ... in order (W processes).
+
+    With ``batch_size = B / W`` the W processes together read, batch by batch, the same samples as one process
+    with batch size B: the multi-process run and the one-process run are the same computation. (Lightning's own
+    distributed sampler would shuffle.) A resumed epoch starts at the first batch the interrupted run had not
+    trained on, as in ResumableTinyModule. Use with ``Trainer(use_distributed_sampler=False)``.
+    """
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        shard = range(trainer.global_rank, len(self.data), trainer.world_size)
+        return DataLoader(self.data, batch_size=self.batch_size, sampler=SkipOnce(shard, done * self.batch_size))
+
+
+class RankReport(Callback):
+    """Counts the bytes each micro-batch all-reduces and saves the process's final weights and counts.
+
+    Every call of ``torch.distributed.all_reduce`` made while a training batch runs is counted, whoever makes it,
+    so the count is independent of the strategy's own bookkeeping. Writes ``rank{global_rank}.pt`` into ``out``.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = str(out)
+        self.batches: list[dict[str, Any]] = []
+        self._bytes = 0
+        self._original: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._original = dist.all_reduce
+
+        def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._bytes += tensor.nbytes
+            return self._original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._original is not None:
+            dist.all_reduce = self._original
+            self._original = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        strategy: Any = trainer.strategy
+        block = strategy.blocks[strategy.active_block]
+        self._bytes = 0
+        self.batches.append({"block": block.index, "block_grad_bytes": sum(p.nbytes for p in block.params)})
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.batches[-1].update(bytes=self._bytes, global_step=trainer.global_step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report = {
+            "world_size": trainer.world_size,
+            "params": {name: p.detach().clone() for name, p in pl_module.named_parameters()},
+            "batches": self.batches,
+            "bytes_reduced": trainer.strategy.bytes_reduced,  # type: ignore[attr-defined]
+        }
+        torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def load_reports(out: str | Path, world_size: int) -> list[dict[str, Any]]:
+    """The reports RankReport wrote, rank 0 first."""
+    return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+class MismatchedSeedStrategy(HiFTDDPStrategy):
+    """Gives each process a different seed, as a launch script that seeds from the rank by mistake would."""
+
+    def setup(self, trainer: Trainer) -> None:
+        self.seed = trainer.global_rank
+        super().setup(trainer)

@@ -1,0 +1,196 @@
+"""HiFTDDPStrategy: two CPU processes (gloo) train like one process over the same global batch.
+
+The multi-process runs start two processes each (Lightning's spawn launcher, and torchrun for the script
+launcher); every process writes what it did with :class:`~tests.helpers.distributed.RankReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_hift import HiFTConfigError, HiFTDDPStrategy, HiFTStrategy
+from lightning_hift.ddp import GradientAverager, split_into_buckets
+from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, load_reports
+from tests.helpers.modules import quiet_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES, GLOBAL_BATCH = 48, 8  # 6 global batches an epoch
+WORLD = 2
+
+
+def fit_two_processes(
+    out: Path, max_steps: int, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None, **hift: Any
+) -> list[dict[str, Any]]:
+    accumulate = hift.pop("accumulate", 1)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD)
+    callbacks: list[Any] = [RankReport(out)]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=max_steps))
+    trainer = quiet_trainer(
+        strategy=HiFTDDPStrategy(start_method="spawn", **hift),
+        devices=WORLD,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint_dir is not None,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return load_reports(out, WORLD)
+
+
+def fit_one_process(max_steps: int, ckpt_path: Path | None = None, accumulate: int = 1, **hift: Any) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
+    trainer = quiet_trainer(
+        strategy=HiFTStrategy(**hift),
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "hift",
+    [
+        {"accumulate": 2},
+        {"order": "random", "optimizer_state": "reset", "layers_per_block": 2},
+    ],
+    ids=["bottom2up-offload-accumulate2", "random-reset-m2"],
+)
+def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict[str, Any]) -> None:
+    steps = 12  # two cycles of the six units (three of three blocks)
+    reports = fit_two_processes(tmp_path, steps, **dict(hift))
+    accumulate = hift.pop("accumulate", 1)
+    assert [r["world_size"] for r in reports] == [WORLD, WORLD]
+    assert_same(reports[0]["params"], reports[1]["params"], exact=True)
+    assert_same(reports[0]["params"], fit_one_process(steps, accumulate=accumulate, **hift), exact=False)
+
+    for report in reports:
+        batches = report["batches"]
+        assert len(batches) == steps * accumulate
+        for i, batch in enumerate(batches):
+            last_of_window = (i + 1) % accumulate == 0
+            # Counted at torch.distributed.all_reduce: the active block's gradients, once per optimizer step.
+            assert batch["bytes"] == (batch["block_grad_bytes"] if last_of_window else 0), i
+        assert report["bytes_reduced"] == sum(b["bytes"] for b in batches)
+        assert report["bytes_reduced"] < steps * sum(p.nbytes for p in report["params"].values())
+
+
+def test_a_checkpoint_resumes_on_two_processes_and_on_one(tmp_path: Path) -> None:
+    # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
+    hift = {"layers_per_block": 2, "switch_every": 4}
+    fit_two_processes(tmp_path / "first", 10, checkpoint_dir=tmp_path / "ckpt", **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()  # written once, by rank 0
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 10
+
+    resumed = fit_two_processes(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
+    uninterrupted = fit_two_processes(tmp_path / "full", 16, **hift)[0]["params"]
+    assert_same(resumed[0]["params"], resumed[1]["params"], exact=True)
+    assert_same(resumed[0]["params"], uninterrupted, exact=True)
+    assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
+
+
+def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module"]
+    command += ["tests.helpers.ddp_script", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = load_reports(tmp_path, WORLD)
+    assert_same(reports[0]["params"], reports[1]["params"], exact=True)
+    assert all(b["bytes"] == b["block_grad_bytes"] for b in reports[0]["batches"])
+
+
+def test_processes_that_disagree_on_the_blocks_stop_before_training(tmp_path: Path) -> None:
+    trainer = quiet_trainer(strategy=MismatchedSeedStrategy(start_method="spawn"), devices=WORLD, max_steps=2)
+    with pytest.raises(Exception, match="different HiFT settings"):
+        trainer.fit(ShardedTinyModule())
+
+
+def test_sync_batchnorm_is_refused(tmp_path: Path) -> None:
+    trainer = quiet_trainer(strategy="hift_ddp_spawn", devices=WORLD, max_steps=2, sync_batchnorm=True)
+    with pytest.raises(Exception, match="sync_batchnorm"):
+        trainer.fit(ShardedTinyModule())
+
+
+def test_bucket_size_must_be_positive() -> None:
+    with pytest.raises(HiFTConfigError, match="bucket_cap_mb"):
+        HiFTDDPStrategy(bucket_cap_mb=0)
+
+
+def test_buckets_are_consecutive_runs_of_one_dtype_within_the_cap() -> None:
+    tensors = [torch.zeros(4), torch.zeros(4), torch.zeros(10), torch.zeros(2, dtype=torch.float64), torch.zeros(1)]
+    buckets = split_into_buckets(tensors, bucket_bytes=32)
+    assert [[t.numel() for t in bucket] for bucket in buckets] == [[4, 4], [10], [2], [1]]
+
+
+@pytest.fixture
+def one_process_group() -> Iterator[None]:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _block(sizes: list[int]) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+
+
+def test_buckets_start_during_backward_only_when_listening(one_process_group: None) -> None:
+    params = _block([8, 8, 8, 8])
+    averager = GradientAverager(params, bucket_bytes=64)  # two parameters (2 x 32 bytes) per bucket
+    assert len(averager.buckets) == 2
+
+    sum(p.sum() for p in params).backward()  # an accumulation micro-batch: nothing starts
+    assert averager.collectives_total == 0
+    averager.listening = True
+    sum((p * 2).sum() for p in params).backward()
+    assert averager.collectives_total == 2  # both buckets started inside backward
+    averager.finish()
+    assert averager.bytes_last_step == 4 * 8 * 4
+    for p in params:
+        assert torch.equal(p.grad, torch.full((8,), 3.0))  # the average over one process is the gradient itself
+    averager.close()
+
+
+def test_a_parameter_without_gradient_counts_as_zeros(one_process_group: None) -> None:
+    params = _block([4, 4, 4])
+    averager = GradientAverager(params, bucket_bytes=16)  # one parameter per bucket, started last-to-first
+    averager.listening = True
+    (params[0].sum() + params[2].sum()).backward()
+    # params[2] is first in bucket order; params[1] never gets a gradient, so params[0]'s bucket waits for it.
+    assert averager.collectives_total == 1
+    averager.finish()
+    assert averager.collectives_total == 3
+    assert torch.equal(params[1].grad, torch.zeros(4))
+    assert torch.equal(params[0].grad, torch.ones(4))
+    averager.close()
+    params[0].grad = None
+    averager.listening = True
+    params[0].sum().backward()
+    assert averager.collectives_total == 3  # hooks removed
