@@ -6,6 +6,7 @@ launcher); every process writes what it did with :class:`~tests.helpers.distribu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from lightning_hift import HiFTConfigError, HiFTDDPStrategy, HiFTStrategy
 from lightning_hift.ddp import GradientAverager, split_into_buckets
 from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, load_reports
 from tests.helpers.modules import quiet_trainer
+from tests.helpers.tiny_models import TINY_MODELS
+from tests.helpers.tokenizers import word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES, GLOBAL_BATCH = 48, 8  # 6 global batches an epoch
@@ -194,3 +197,19 @@ def test_a_parameter_without_gradient_counts_as_zeros(one_process_group: None) -
     averager.listening = True
     params[0].sum().backward()
     assert averager.collectives_total == 3  # hooks removed
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    TINY_MODELS["bert-seqcls"]().save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "experiments" / "ddp_benchmark.py"), "--model", str(model_dir)]
+    command += ["--methods", "ddp", "hift_ddp_m1", "--steps", "3", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, hift = (json.loads((tmp_path / f"ddp_{m}.json").read_text()) for m in ("ddp", "hift_ddp_m1"))
+    assert ddp["bytes_per_step"] == ddp["all_grad_bytes"]  # DDP sends every gradient every step
+    assert 0 < hift["bytes_per_step"] < ddp["bytes_per_step"]
+    assert "| hift_ddp_m1 | 2 x 1 |" in (tmp_path / "ddp.md").read_text()

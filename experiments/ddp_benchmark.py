@@ -1,0 +1,191 @@
+"""HiFT across processes against Lightning's DDP: seconds per optimizer step and bytes all-reduced per step.
+
+    python experiments/ddp_benchmark.py                         # MiniLM, balanced tweets, 2 CPU processes (gloo)
+    python experiments/ddp_benchmark.py --steps 8 --out /tmp/x  # a quick look
+
+Every method trains the same model on the same data with the same global batch (``--batch-size`` per process
+times the number of processes) for ``--steps`` optimizer steps. Bytes are counted where they leave a process: at
+``torch.distributed.all_reduce``, through which HiFT sends its buckets and, with a counting communication hook,
+DDP sends its own. One-process rows (all cores in one process) are there for scale. The table goes to
+``--out``/ddp.md (by default experiments/results/).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+
+from lightning_hift import HiFTDDPStrategy, HiFTStrategy
+from lightning_hift.tasks import SequenceClassifier, StepTimer, TweetSentimentDataModule
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("ddp", "hift_ddp_m1", "hift_ddp_m2", "single_full", "single_hift_m1")
+
+
+# No `from __future__ import annotations` in this file: DDP checks the hook's annotations at run time.
+def counting_allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's plain averaging all-reduce, sent through ``torch.distributed.all_reduce`` so that it is counted."""
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    work = dist.all_reduce(tensor, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+class CountedDDPStrategy(DDPStrategy):
+    """Lightning's DDP, its buckets sent through :func:`counting_allreduce_hook` (on CPU too, where Lightning
+    would register no communication hook)."""
+
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        self.model.register_comm_hook(None, counting_allreduce_hook)
+
+
+class TrafficMeter(Callback):
+    """Counts the bytes of every all-reduce made during training batches; rank 0 writes the figures as JSON."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.bytes = 0
+        self.timer = StepTimer()
+        self._original: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._original = dist.all_reduce
+
+        def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._in_batch:
+                self.bytes += tensor.nbytes
+            return self._original(tensor, *args, **kwargs)
+
+        self._in_batch = False
+        dist.all_reduce = counting  # type: ignore[assignment]
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dist.all_reduce = self._original
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._in_batch = True
+        self.timer.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.timer.on_train_batch_end(trainer, pl_module, *args)
+        self._in_batch = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.timer.on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        grads = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        record = {
+            "steps": trainer.global_step,
+            "processes": trainer.world_size,
+            "threads": torch.get_num_threads(),
+            "median_s_per_step": self.timer.median_seconds,
+            "bytes_per_step": self.bytes / max(1, trainer.global_step),
+            "all_grad_bytes": grads,
+            "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        }
+        Path(self.path).write_text(json.dumps(record))
+
+
+def make_strategy(method: str) -> Strategy:
+    if method == "ddp":
+        return CountedDDPStrategy(start_method="spawn")
+    if method.startswith("hift_ddp_m"):
+        return HiFTDDPStrategy(layers_per_block=int(method.removeprefix("hift_ddp_m")), start_method="spawn")
+    if method.startswith("single_hift_m"):
+        return HiFTStrategy(layers_per_block=int(method.removeprefix("single_hift_m")))
+    if method == "single_full":
+        return "auto"  # type: ignore[return-value]
+    raise SystemExit(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+
+
+def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    processes = 1 if method.startswith("single") else args.processes
+    seed_everything(args.seed)
+    lr = args.hift_lr if "hift" in method else args.full_lr
+    data = TweetSentimentDataModule(
+        tokenizer=args.model, batch_size=args.batch_size * args.processes // processes, seed=args.seed
+    )
+    module = SequenceClassifier(args.model, num_labels=data.num_classes, lr=lr)
+    path = out / f"ddp_{method}.json"
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=processes,
+        strategy=make_strategy(method),
+        max_steps=args.steps,
+        callbacks=[TrafficMeter(str(path))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    record = json.loads(path.read_text())
+    record.update(method=method, wall_s=time.perf_counter() - started, lr=lr)
+    return record
+
+
+def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    ddp = next((r for r in records if r["method"] == "ddp"), None)
+    lines = [
+        "| method | processes x threads | global batch | median s/step | vs DDP | MB all-reduced/step | vs DDP |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        speed = f"{r['median_s_per_step'] / ddp['median_s_per_step']:.2f}x" if ddp else "-"
+        traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and r["processes"] > 1 else "-"
+        mb = f"{r['bytes_per_step'] / 2**20:.1f}" if r["processes"] > 1 else "-"
+        lines.append(
+            f"| {r['method']} | {r['processes']} x {r['threads']} | {args.batch_size * args.processes} |"
+            f" {r['median_s_per_step']:.3f} | {speed} | {mb} | {traffic} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="'minilm' (offline) or a model folder")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--full-lr", type=float, default=5e-5)
+    parser.add_argument("--hift-lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = [run(method, args, args.out) for method in args.methods]
+    command = "python experiments/ddp_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = (
+        "# HiFT DDP vs Lightning DDP (full fine-tuning)\n\n"
+        f"Command: `{command.strip()}`  \n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo.  \n"
+        f"Model: {args.model}; {args.steps} optimizer steps; batch {args.batch_size} per process.\n\n"
+        f"{table(records, args)}\n\n"
+        "MB all-reduced/step: bytes passed to torch.distributed.all_reduce during training batches, per optimizer"
+        f" step, on rank 0 (all gradients: {records[0]['all_grad_bytes'] / 2**20:.1f} MB).\n"
+    )
+    (args.out / "ddp.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
