@@ -77,9 +77,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "strategy": describe_strategy(trainer.strategy),
         **peak_memory(trainer.strategy.root_device),
     }
-    write_metrics(Path(cfg.output_dir) / "metrics.json", metrics)
-    if cfg.export:
-        export(module, cfg.model.name_or_path, Path(cfg.output_dir) / "model")
+    if trainer.is_global_zero:  # one writer when several processes train (hift=ddp)
+        write_metrics(Path(cfg.output_dir) / "metrics.json", metrics)
+        if cfg.export:
+            export(module, cfg.model.name_or_path, Path(cfg.output_dir) / "model")
     return metrics
 
 

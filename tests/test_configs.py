@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lightning_hift import HiFTStrategy
+from lightning_hift import HiFTDDPStrategy, HiFTStrategy, HiFTStrategyBase
 from lightning_hift.tasks import minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,11 +216,12 @@ def test_hift_options_give_the_trainer_its_strategy(option: str) -> None:
     cfg = compose_train(f"hift={option}", *blocks)
     trainer: Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     if option == "fpft":
-        assert not isinstance(trainer.strategy, HiFTStrategy)
-    else:
-        assert isinstance(trainer.strategy, HiFTStrategy)
-        assert trainer.strategy.order == ("bottom2up" if option == "default" else option)
-        assert trainer.strategy.layers_per_block == 2
+        assert not isinstance(trainer.strategy, HiFTStrategyBase)
+        return
+    expected = HiFTDDPStrategy if option == "ddp" else HiFTStrategy
+    assert isinstance(trainer.strategy, expected)
+    assert trainer.strategy.order == (option if option in ("top2down", "random") else "bottom2up")
+    assert trainer.strategy.layers_per_block == 2
 
 
 @pytest.mark.parametrize(
