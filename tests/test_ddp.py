@@ -37,7 +37,9 @@ def fit_two_processes(
     accumulate = hift.pop("accumulate", 1)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD)
+    module = ShardedTinyModule(
+        lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD, skew_by_rank=True
+    )
     callbacks: list[Any] = [RankReport(out)]
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=max_steps))
@@ -86,9 +88,10 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: b
 )
 def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict[str, Any]) -> None:
     steps = 12  # two cycles of the six units (three of three blocks)
-    reports = fit_two_processes(tmp_path, steps, **dict(hift))
+    reports = fit_two_processes(tmp_path, steps, **dict(hift))  # rank 1 starts from skewed weights
     accumulate = hift.pop("accumulate", 1)
     assert [r["world_size"] for r in reports] == [WORLD, WORLD]
+    # Equal to each other and to one process: rank 1 started from rank 0's weights.
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
     assert_same(reports[0]["params"], fit_one_process(steps, accumulate=accumulate, **hift), exact=False)
 

@@ -21,7 +21,20 @@ class ShardedTinyModule(TinyModule):
     with batch size B: the multi-process run and the one-process run are the same computation. (Lightning's own
     distributed sampler would shuffle.) A resumed epoch starts at the first batch the interrupted run had not
     trained on, as in ResumableTinyModule. Use with ``Trainer(use_distributed_sampler=False)``.
+
+    With ``skew_by_rank``, process r adds r / 10 to every weight before the strategy sets up, so that the
+    processes start the same only if the strategy broadcasts rank 0's weights.
     """
+
+    def __init__(self, *args: Any, skew_by_rank: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skew_by_rank = skew_by_rank
+
+    def setup(self, stage: str) -> None:
+        if self.skew_by_rank:
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.add_(self.trainer.global_rank / 10)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
