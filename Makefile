@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the install small; on a GPU machine use the torch build that matches your CUDA.
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test lint
+.PHONY: install train test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-offline.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[demo,test]"
+	$(BIN)/pip install --quiet -e ".[demo,test,bench]"
 	$(BIN)/pip install --quiet --no-deps -r requirements-offline.txt
 	touch $@
 
@@ -22,6 +22,11 @@ install: $(VENV)/.installed
 
 train: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/train.py $(ARGS)
+
+# The benchmark against full fine-tuning and the peers (about 40 min on 2 idle CPU cores):
+# writes experiments/results/benchmark.md and its plots. ARGS="--suite classifier --methods full lora" for a part.
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/benchmark.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check lightning_hift tests experiments

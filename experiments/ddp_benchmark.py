@@ -7,7 +7,7 @@ Every method trains the same model on the same data with the same global batch (
 times the number of processes) for ``--steps`` optimizer steps. Bytes are counted where they leave a process: at
 ``torch.distributed.all_reduce``, through which HiFT sends its buckets and, with a counting communication hook,
 DDP sends its own. One-process rows (all cores in one process) are there for scale. The table goes to
-``--out``/ddp.md (by default experiments/results/).
+``--out``/ddp.md (by default experiments/results/), each run's figures to ``--out``/ddp_runs/METHOD.json.
 """
 
 import os
@@ -121,7 +121,8 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         tokenizer=args.model, batch_size=args.batch_size * args.processes // processes, seed=args.seed
     )
     module = SequenceClassifier(args.model, num_labels=data.num_classes, lr=lr)
-    path = out / f"ddp_{method}.json"
+    path = out / "ddp_runs" / f"{method}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         accelerator="cpu",
         devices=processes,
@@ -139,22 +140,24 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     record = json.loads(path.read_text())
     record.update(method=method, wall_s=time.perf_counter() - started, lr=lr)
+    path.write_text(json.dumps(record))
     return record
 
 
 def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ddp = next((r for r in records if r["method"] == "ddp"), None)
     lines = [
-        "| method | processes x threads | global batch | median s/step | vs DDP | MB all-reduced/step | vs DDP |",
+        "| method | processes x threads | global batch | median s/step | time vs DDP | MiB all-reduced/step |"
+        " traffic vs DDP |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
         speed = f"{r['median_s_per_step'] / ddp['median_s_per_step']:.2f}x" if ddp else "-"
         traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and r["processes"] > 1 else "-"
-        mb = f"{r['bytes_per_step'] / 2**20:.1f}" if r["processes"] > 1 else "-"
+        mib = f"{r['bytes_per_step'] / 2**20:.1f}" if r["processes"] > 1 else "-"
         lines.append(
             f"| {r['method']} | {r['processes']} x {r['threads']} | {args.batch_size * args.processes} |"
-            f" {r['median_s_per_step']:.3f} | {speed} | {mb} | {traffic} |"
+            f" {r['median_s_per_step']:.3f} | {speed} | {mib} | {traffic} |"
         )
     return "\n".join(lines)
 
@@ -170,18 +173,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hift-lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite ddp.md from the saved ddp_runs/*.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    records = [run(method, args, args.out) for method in args.methods]
-    command = "python experiments/ddp_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        saved = {path.stem: json.loads(path.read_text()) for path in (args.out / "ddp_runs").glob("*.json")}
+        records = [{"method": method, **saved[method]} for method in args.methods if method in saved]
+    else:
+        records = [run(method, args, args.out) for method in args.methods]
+    given = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--report-only"]
+    command = "python experiments/ddp_benchmark.py " + " ".join(given)
     report = (
         "# HiFT DDP vs Lightning DDP (full fine-tuning)\n\n"
         f"Command: `{command.strip()}`  \n"
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo.  \n"
         f"Model: {args.model}; {args.steps} optimizer steps; batch {args.batch_size} per process.\n\n"
         f"{table(records, args)}\n\n"
-        "MB all-reduced/step: bytes passed to torch.distributed.all_reduce during training batches, per optimizer"
-        f" step, on rank 0 (all gradients: {records[0]['all_grad_bytes'] / 2**20:.1f} MB).\n"
+        "MiB all-reduced/step: bytes passed to torch.distributed.all_reduce during training batches, per optimizer"
+        f" step, on rank 0 (all gradients: {records[0]['all_grad_bytes'] / 2**20:.1f} MiB). Time and traffic vs DDP:"
+        " this row's over the DDP row's (below 1 is faster, or less). One-process rows use both cores in one"
+        " process.\n"
     )
     (args.out / "ddp.md").write_text(report)
     print(report)

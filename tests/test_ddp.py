@@ -212,7 +212,7 @@ def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> No
     command += ["--methods", "ddp", "hift_ddp_m1", "--steps", "3", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    ddp, hift = (json.loads((tmp_path / f"ddp_{m}.json").read_text()) for m in ("ddp", "hift_ddp_m1"))
+    ddp, hift = (json.loads((tmp_path / "ddp_runs" / f"{m}.json").read_text()) for m in ("ddp", "hift_ddp_m1"))
     assert ddp["bytes_per_step"] == ddp["all_grad_bytes"]  # DDP sends every gradient every step
     assert 0 < hift["bytes_per_step"] < ddp["bytes_per_step"]
     assert "| hift_ddp_m1 | 2 x 1 |" in (tmp_path / "ddp.md").read_text()

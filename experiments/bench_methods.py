@@ -1,0 +1,541 @@
+"""The methods that experiments/benchmark.py compares, and how each one's device memory is counted.
+
+Every method trains the task's own LightningModule (``SequenceClassifier`` or ``CausalLanguageModel``) under
+Lightning; what differs is the optimizer, the strategy and the callbacks. :func:`build` returns them for one
+method, from its entry in experiments/benchmark.yaml. Kinds:
+
+``full``     AdamW over every parameter, Lightning's default strategy.
+``hift``     ``HiFTStrategy`` (this project) with the entry's order, ``layers_per_block`` and ``optimizer_state``.
+``badam``    BAdam's ``BlockOptimizer`` around AdamW; blocks are the HiFT units, the classifier head always trains.
+``lisa``     LISA as LMFlow defines it: embeddings and head always train, every ``interval`` steps ``layers`` random
+             layers take over; built on this project's units and optimizer-state placement (:class:`LisaCallback`).
+``lora``     ``peft`` LoRA adapters on the entry's ``target_modules``, the task head fully trained.
+``galore``   ``galore_torch.GaLoreAdamW``, projecting the 2-D weights of the transformer layers.
+``adalomo``  ``lomo_optim.AdaLomo``, whose update runs inside backward, under manual optimization.
+
+Device memory rule (the same for all): gradients are counted after backward, before the update (every non-None
+``.grad``); optimizer state right after the update (every tensor in the optimizer's state except the scalar step
+counters), keeping only what the method leaves on the compute device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import Strategy
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_hift import HiFTCallback, HiFTStrategy, find_units, partition
+from lightning_hift.blocks import Block
+from lightning_hift.memory import snapshot
+from lightning_hift.optim_state import OptimizerStatePlacement
+from lightning_hift.tasks import CausalLanguageModel, SequenceClassifier
+from lightning_hift.tasks.optim import OptimizerFactory, linear_warmup_decay
+from lightning_hift.units import EMBEDDINGS, OUTPUT
+
+PEER_PACKAGES: dict[str, str] = {
+    "badam": "badam",
+    "lora": "peft",
+    "galore": "galore_torch",
+    "adalomo": "lomo_optim",
+}
+"""The import name of each peer's package; a peer that cannot be imported or run is reported as unavailable."""
+
+
+# --- accounting ---------------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in one optimizer-state value: a tensor, a list or tuple of them, or an object that holds
+    them as attributes (GaLore keeps its projection matrix inside a projector object)."""
+    if isinstance(value, Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(tensor_bytes(item) for item in vars(value).values() if isinstance(item, (Tensor, list, tuple)))
+    return 0
+
+
+def state_bytes(state: Mapping[Any, Mapping[str, Any]], keys: Iterable[Any] | None = None) -> int:
+    """Bytes of ``state`` (an ``optimizer.state``), or of its entries for ``keys``; scalar ``step`` counters left out,
+    as :func:`lightning_hift.memory.snapshot` leaves them out."""
+    entries = state.values() if keys is None else (state.get(key, {}) for key in keys)
+    return sum(tensor_bytes(value) for entry in entries for name, value in entry.items() if name != "step")
+
+
+class Accounting:
+    """What a method keeps on the compute device. The default reads the parameters' gradients and the whole
+    ``optimizer.state``, which Lightning puts on the device; methods that keep state elsewhere override it."""
+
+    def grads(self, module: nn.Module) -> tuple[int, int]:
+        """Bytes of the gradients present now, and the number of parameters they belong to (trained this step)."""
+        present = [p for p in module.parameters() if p.grad is not None]
+        return sum(p.grad.nbytes for p in present if p.grad is not None), sum(p.numel() for p in present)
+
+    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+        """Bytes of optimizer state on the device and in host memory, right after an optimizer step."""
+        return state_bytes(trainer.optimizers[0].state), 0
+
+    def masters(self, trainer: Trainer) -> int:
+        """Bytes of extra weight copies that the method keeps on the device (BAdam's fp32 copy of its block)."""
+        return 0
+
+
+class HiFTAccounting(Accounting):
+    """HiFT's own bookkeeping: only the active block's state is on the device; offloaded state is host memory."""
+
+    @override
+    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+        strategy = trainer.strategy
+        assert isinstance(strategy, HiFTStrategy)
+        breakdown = snapshot(strategy)
+        return breakdown.get("optimizer_state", "device"), breakdown.get("optimizer_state", "host")
+
+
+# --- methods ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodRun:
+    """What one method trains with: the module, the Trainer's strategy and callbacks, and its accounting."""
+
+    module: LightningModule
+    strategy: str | Strategy = "auto"
+    callbacks: list[Callback] = field(default_factory=list)
+    accounting: Accounting = field(default_factory=Accounting)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The schedule settings every method of a suite shares, plus the method's own learning rate."""
+
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+
+
+ModuleMaker = Callable[[nn.Module, Hyper, OptimizerFactory], LightningModule]
+
+
+def task_module(task: str) -> ModuleMaker:
+    """How to wrap a model into the task's LightningModule (``"classifier"`` or ``"causal_lm"``)."""
+    cls = {"classifier": SequenceClassifier, "causal_lm": CausalLanguageModel}[task]
+
+    def make(model: nn.Module, hyper: Hyper, optimizer: OptimizerFactory) -> LightningModule:
+        # peft's wrappers are not PreTrainedModels but forward `config` and the call to the model they wrap.
+        return cls(
+            model,  # type: ignore[arg-type]
+            lr=hyper.lr,
+            weight_decay=hyper.weight_decay,
+            warmup_ratio=hyper.warmup_ratio,
+            optimizer=optimizer,
+        )
+
+    return make
+
+
+def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    """The module, strategy, callbacks and accounting of one method.
+
+    Args:
+        task: ``"classifier"`` or ``"causal_lm"``.
+        model: The freshly loaded pretrained model (the same weights and head for every method).
+        hyper: Learning rate, weight decay and warm-up of the run.
+        cfg: The method's entry of the config: ``kind`` and the kind's own settings.
+        seed: The run's seed (HiFT's random order, LISA's layer draws).
+
+    Raises:
+        ValueError: ``cfg.kind`` is not one of :data:`KINDS`.
+        ImportError: A peer's package is not installed.
+    """
+    builders: dict[str, Callable[..., MethodRun]] = {
+        "full": _full,
+        "hift": _hift,
+        "badam": _badam,
+        "lisa": _lisa,
+        "lora": _lora,
+        "galore": _galore,
+        "adalomo": _adalomo,
+    }
+    if cfg.kind not in builders:
+        raise ValueError(f"Unknown method kind={cfg.kind!r} in the benchmark config; use one of {sorted(builders)}.")
+    return builders[cfg.kind](task=task, model=model, hyper=hyper, cfg=cfg, seed=seed)
+
+
+def _full(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    module = task_module(task)(model, hyper, torch.optim.AdamW)
+    return MethodRun(module, description="AdamW over every parameter, every step (Lightning's default strategy)")
+
+
+def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    module = task_module(task)(model, hyper, torch.optim.AdamW)
+    strategy = HiFTStrategy(
+        layers_per_block=cfg.layers_per_block, order=cfg.order, seed=seed, optimizer_state=cfg.optimizer_state
+    )
+    blocks = len(partition(model, cfg.layers_per_block))
+    return MethodRun(
+        module,
+        strategy,
+        # Placed explicitly after the benchmark's own callbacks, so that they measure a step before HiFT switches.
+        callbacks=[HiFTCallback(log_memory=False)],
+        accounting=HiFTAccounting(),
+        description=(
+            f"HiFTStrategy with AdamW: {blocks} blocks of {cfg.layers_per_block} unit(s), {cfg.order},"
+            f" optimizer_state={cfg.optimizer_state}, lr_update=cycle"
+        ),
+    )
+
+
+# BAdam ------------------------------------------------------------------------------------------------------------
+
+
+def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    from badam import BlockOptimizer
+
+    class LightningBlockOptimizer(BlockOptimizer):  # type: ignore[misc]  # badam ships no type information
+        """BlockOptimizer that runs Lightning's closure (forward and backward) before its own step.
+
+        BlockOptimizer copies the gradients to its fp32 block before it calls the base optimizer, and so before
+        the closure that Lightning hands to ``step`` would compute them. At a block switch it drops the optimizer
+        state; ``step_state_bytes`` and ``step_master_bytes`` keep what it held right after the update.
+        """
+
+        step_state_bytes = 0
+        step_master_bytes = 0
+
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.step_state_bytes = self.step_master_bytes = 0
+            super().step()
+            self._record_step_memory()
+            return loss
+
+        def switch_trainable_params(self, verbose: int | None = None) -> None:
+            self._record_step_memory()
+            # BlockOptimizer prints the new block at every switch unless told otherwise here; it ignores the
+            # constructor's `verbose` for that.
+            super().switch_trainable_params(self.verbose if verbose is None else verbose)
+
+        def _record_step_memory(self) -> None:
+            self.step_state_bytes = max(self.step_state_bytes, state_bytes(self.base_optimizer.state))
+            copies = getattr(self, "param_idx2hp", {}).values()
+            self.step_master_bytes = max(self.step_master_bytes, sum(copy.nbytes for copy in copies))
+
+    units = partition(model, layers_per_block=1)
+    # The task head: parameters outside the base model (a classifier's `classifier.*`; none for a tied LM head).
+    base_prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    head = [name for name, _ in model.named_parameters() if not name.startswith(base_prefix)]
+    # Full parameter names: BlockOptimizer matches its prefixes as substrings of the names.
+    block_prefixes = [list(block.names) for block in units]
+
+    def block_optimizer(groups: list[dict[str, Any]], lr: float) -> Optimizer:
+        base = torch.optim.AdamW(groups, lr=lr)
+        with warnings.catch_warnings():
+            # Every method trains fp32 weights here; the report counts the fp32 copy this warning is about.
+            warnings.filterwarnings("ignore", message="BAdam expect model to be loaded in fp16")
+            return LightningBlockOptimizer(
+                base_optimizer=base,
+                named_parameters_list=list(model.named_parameters()),
+                block_prefix_list=block_prefixes,
+                switch_block_every=cfg.switch_block_every,
+                switch_mode=cfg.switch_mode,
+                active_modules=head,
+                verbose=0,
+            )
+
+    module = task_module(task)(model, hyper, block_optimizer)
+    return MethodRun(
+        module,
+        accounting=BAdamAccounting(),
+        description=(
+            f"badam.BlockOptimizer over AdamW: {len(units)} blocks (the HiFT units), switch every"
+            f" {cfg.switch_block_every} step(s), {cfg.switch_mode}; the head ({len(head)} tensors) always trains,"
+            " as BAdam advises for a freshly initialised head; at each switch BAdam drops the optimizer state, copies"
+            " the new block to fp32 and runs gc.collect()"
+        ),
+    )
+
+
+class BAdamAccounting(Accounting):
+    """BAdam drops its state at a block switch, inside ``step``: count what it held right after the update."""
+
+    @override
+    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+        return trainer.optimizers[0].step_state_bytes, 0
+
+    @override
+    def masters(self, trainer: Trainer) -> int:
+        return int(trainer.optimizers[0].step_master_bytes)
+
+
+# LISA -------------------------------------------------------------------------------------------------------------
+
+
+class LisaCallback(Callback):
+    """LISA (layerwise importance sampling, as LMFlow's trainer callback defines it) on this project's units.
+
+    The embeddings and the output unit train in every step; every ``interval`` optimizer steps ``layers`` layers,
+    drawn at random (seeded) from the model's repeated layers, become the only trainable layers and the others are
+    frozen with their gradients set to None. Where a frozen layer's optimizer state goes is ``optimizer_state``,
+    as in HiFT: ``"keep"`` (LMFlow's behaviour: never freed), ``"offload"`` or ``"reset"``.
+
+    Args:
+        layers: Layers trained together.
+        interval: Optimizer steps between two draws.
+        seed: Seed of the draws.
+        optimizer_state: ``"keep"``, ``"offload"`` or ``"reset"``.
+    """
+
+    def __init__(self, layers: int, interval: int, seed: int, optimizer_state: str = "keep") -> None:
+        if layers < 1 or interval < 1:
+            raise ValueError(f"LISA needs layers >= 1 and interval >= 1; got layers={layers}, interval={interval}.")
+        self.layers = layers
+        self.interval = interval
+        self.rng = random.Random(seed)
+        self.optimizer_state = optimizer_state
+        self.placement: OptimizerStatePlacement | None = None
+        self.always: list[Block] = []
+        self.candidates: list[Block] = []
+        self.active: list[Block] = []
+        self._drawn_at = -1
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        blocks = partition(pl_module, layers_per_block=1)
+        self.always = [block for block in blocks if block.unit_names[0] in (EMBEDDINGS, OUTPUT)]
+        self.candidates = [block for block in blocks if block not in self.always]
+        if len(self.candidates) < self.layers:
+            raise ValueError(f"LISA samples {self.layers} layers but the model has {len(self.candidates)}.")
+        device = trainer.strategy.root_device
+        self.placement = OptimizerStatePlacement(self.optimizer_state, trainer.optimizers[0], blocks, device)
+        for block in self.candidates:
+            _set_trainable(block, False)
+        for block in self.always:
+            self.placement.to_device(block)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.interval == 0 and step != self._drawn_at:
+            self._drawn_at = step
+            self._draw()
+
+    def _draw(self) -> None:
+        assert self.placement is not None
+        for block in self.active:
+            _set_trainable(block, False)
+            self.placement.to_rest(block)
+        self.active = self.rng.sample(self.candidates, self.layers)
+        for block in self.active:
+            self.placement.to_device(block)
+            _set_trainable(block, True)
+
+    def device_state_bytes(self) -> tuple[int, int]:
+        """Bytes of optimizer state on the device and in host memory, by the placement's bookkeeping."""
+        assert self.placement is not None
+        placement = self.placement
+        by_place = {"device": 0, "host": 0}
+        for block in self.always + self.candidates:
+            place = placement.where(block)
+            if place in by_place:
+                by_place[place] += state_bytes(placement.optimizer.state, block.params)
+        return by_place["device"], by_place["host"]
+
+
+def _set_trainable(block: Block, trainable: bool) -> None:
+    for p in block.params:
+        p.requires_grad_(trainable)
+        if not trainable:
+            p.grad = None
+
+
+class LisaAccounting(Accounting):
+    def __init__(self, callback: LisaCallback) -> None:
+        self.callback = callback
+
+    @override
+    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+        return self.callback.device_state_bytes()
+
+
+def _lisa(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    callback = LisaCallback(cfg.layers, cfg.interval, seed, cfg.optimizer_state)
+    module = task_module(task)(model, hyper, torch.optim.AdamW)
+    return MethodRun(
+        module,
+        callbacks=[callback],
+        accounting=LisaAccounting(callback),
+        description=(
+            f"AdamW; embeddings and output unit always train, {cfg.layers} random layers every {cfg.interval}"
+            f" steps; frozen layers' optimizer state: {cfg.optimizer_state}"
+            + (" (never freed, as in LMFlow)" if cfg.optimizer_state == "keep" else "")
+        ),
+    )
+
+
+# LoRA, GaLore, AdaLomo -------------------------------------------------------------------------------------------
+
+
+def _lora(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_task = {"classifier": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}[task]
+    config = LoraConfig(
+        task_type=peft_task,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+    )
+    # For sequence classification peft trains the head in full (modules_to_save); the encoder stays frozen.
+    wrapped = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    module = task_module(task)(wrapped, hyper, torch.optim.AdamW)
+    return MethodRun(
+        module,
+        description=(
+            f"peft LoRA r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout} on {', '.join(cfg.target_modules)};"
+            f" head trained in full; {trainable / 1e6:.2f} M trainable parameters; not full-parameter"
+        ),
+    )
+
+
+def _galore(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    from galore_torch import GaLoreAdamW
+
+    layers = [unit for unit in find_units(model) if unit.name not in (EMBEDDINGS, OUTPUT)]
+    layer_names = {name for unit in layers for name in unit.param_names}
+    params = dict(model.named_parameters())
+    projected = {id(params[name]) for name in layer_names if params[name].dim() == 2}
+    projection = {"rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale, "proj_type": "std"}
+
+    def galore_adamw(groups: list[dict[str, Any]], lr: float) -> Optimizer:
+        # Each weight-decay group splits into its projected matrices and the rest; GaLore projects a group's
+        # parameters when the group carries a rank.
+        split = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in projected]
+            low_rank = [p for p in group["params"] if id(p) in projected]
+            split += [{**group, "params": rest}] if rest else []
+            split += [{**group, "params": low_rank, **projection}] if low_rank else []
+        return GaLoreAdamW(split, lr=lr, no_deprecation_warning=True)
+
+    module = task_module(task)(model, hyper, galore_adamw)
+    return MethodRun(
+        module,
+        description=(
+            f"galore_torch.GaLoreAdamW: rank {cfg.rank}, update_proj_gap {cfg.update_proj_gap}, scale {cfg.scale},"
+            f" on the {len(projected)} 2-D weights of the transformer layers; other parameters plain AdamW"
+        ),
+    )
+
+
+class FusedBackward(LightningModule):
+    """Manual optimization for AdaLomo: the update of each parameter runs inside backward (``fused_backward``), so
+    Lightning's automatic loop, which calls backward and then ``optimizer.step``, does not fit.
+
+    Mixed into the task modules below, before them, so that its ``training_step`` and ``configure_optimizers`` win.
+    The learning rate follows the same warm-up and linear decay as every other method.
+    """
+
+    model: nn.Module
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    @override
+    def configure_optimizers(self) -> Optimizer:
+        return _metered_adalomo(self.model, self.hparams["lr"])
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss: Tensor = self(batch).loss
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = math.ceil(self.hparams["warmup_ratio"] * total)
+        lr = self.hparams["lr"] * linear_warmup_decay(self.trainer.global_step, warmup, total)
+        optimizer = self.optimizers()
+        optimizer.optimizer.fused_backward(loss, lr)  # type: ignore[union-attr]
+        # The update has happened; step() only lets Lightning count the optimizer step and run its step hooks.
+        optimizer.step()  # type: ignore[union-attr]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss.detach()
+
+
+class FusedBackwardClassifier(FusedBackward, SequenceClassifier):
+    """SequenceClassifier trained by AdaLomo."""
+
+
+class FusedBackwardLanguageModel(FusedBackward, CausalLanguageModel):
+    """CausalLanguageModel trained by AdaLomo."""
+
+
+def _metered_adalomo(model: nn.Module, lr: float) -> Optimizer:
+    from lomo_optim import AdaLomo
+
+    class MeteredAdaLomo(AdaLomo):  # type: ignore[misc]  # lomo_optim ships no type information
+        """AdaLomo that records the gradients present at once inside its fused backward (it frees each one as soon
+        as it has applied it), and whose ``step`` only runs Lightning's closure: the update happened in backward."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.peak_grad_bytes = 0
+            self.updated_params = 0
+            super().__init__(*args, **kwargs)
+
+        def fuse_update(self) -> Callable[[Any], Any]:
+            update = super().fuse_update()
+
+            def measured(x: Any) -> Any:
+                present = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+                self.peak_grad_bytes = max(self.peak_grad_bytes, sum(p.grad.nbytes for p in present))
+                self.updated_params += sum(p.numel() for p in present)
+                return update(x)
+
+            return measured
+
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            return closure() if closure is not None else None
+
+    return MeteredAdaLomo(model, lr=lr)
+
+
+class AdaLomoAccounting(Accounting):
+    """AdaLomo's gradients live only inside backward: count the most present at once and the parameters updated."""
+
+    @override
+    def grads(self, module: nn.Module) -> tuple[int, int]:
+        optimizer = module.trainer.optimizers[0]  # type: ignore[attr-defined]
+        counted = (optimizer.peak_grad_bytes, optimizer.updated_params)
+        optimizer.peak_grad_bytes = optimizer.updated_params = 0
+        return counted
+
+    @override
+    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+        optimizer = trainer.optimizers[0]
+        factored = (optimizer.exp_avg_sq, optimizer.exp_avg_sq_row, optimizer.exp_avg_sq_col)
+        return sum(tensor.nbytes for table in factored for tensor in table.values()), 0
+
+
+def _adalomo(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+    cls = {"classifier": FusedBackwardClassifier, "causal_lm": FusedBackwardLanguageModel}[task]
+    module = cls(model, lr=hyper.lr, weight_decay=0.0, warmup_ratio=hyper.warmup_ratio)
+    return MethodRun(
+        module,
+        accounting=AdaLomoAccounting(),
+        description="lomo_optim.AdaLomo (factored second moments, update fused into backward), manual optimization",
+    )

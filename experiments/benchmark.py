@@ -1,0 +1,416 @@
+"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo), each in its own process.
+
+    python experiments/benchmark.py                      # both suites, every method: about 40 min on 2 idle CPU cores
+    python experiments/benchmark.py --suite classifier --methods full hift_bottom2up_m1_offload lora
+    python experiments/benchmark.py --steps 8 --eval-every 4 --suite classifier      # a smoke run of the wiring
+    python experiments/benchmark.py --report-only        # rebuild the table and plots from the saved records
+
+Settings come from experiments/benchmark.yaml (model, data, seed, batch size, sequence length, steps, evaluation
+set and interval, each method's learning rate); ``--set classifier.data.train_size=64`` overrides any of them.
+Suites: ``classifier`` (MiniLM on balanced tweets: full fine-tuning, 12 HiFT variants and the peers) and
+``decoder`` (SmolLM2-135M language modelling: full fine-tuning vs HiFT). Every method runs in a fresh process
+(``--run-one SUITE/METHOD``) so that its peak resident memory is its own; each writes a JSON record with its
+seconds per step, memory, trainable parameters, loss curve and evaluations. A peer whose package is missing or
+that cannot run here is recorded as unavailable, with the reason. Then the records become
+``<out>/benchmark.md`` and the plots ``<out>/benchmark_*.png`` (:mod:`bench_report`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers is imported: it reads the switch once, and this run must never reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import logging
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
+from bench_report import write_report
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from omegaconf import DictConfig, OmegaConf
+from run_summary import peak_memory
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_hift.tasks import (
+    LanguageModelingDataModule,
+    StepTimer,
+    TweetSentimentDataModule,
+    load_causal_lm,
+    load_sequence_classifier,
+)
+
+CONFIG = Path(__file__).with_name("benchmark.yaml")
+RESULTS = Path(__file__).with_name("results")
+SUITES = ("classifier", "decoder")
+METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}
+"""What the evaluation set is scored by, as the task module logs it (the evaluation set runs as validation)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (default: all)")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every method (default: the config's)")
+    parser.add_argument("--eval-every", type=int, help="optimizer steps between evaluations (default: the config's)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the settings (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table, plots and records go")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from saved records")
+    parser.add_argument("--run-one", metavar="SUITE/METHOD", help=argparse.SUPPRESS)  # a child process's job
+    return parser.parse_args(argv)
+
+
+def selected_suites(args: argparse.Namespace) -> list[str]:
+    return list(SUITES) if args.suite == "all" else [args.suite]
+
+
+def load_config(args: argparse.Namespace) -> DictConfig:
+    """The config file with the command line's overrides applied; checks that ``--methods`` names exist.
+
+    Raises:
+        SystemExit: A method named by ``--methods`` is in none of the selected suites.
+    """
+    config = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.set))
+    assert isinstance(config, DictConfig)
+    for suite in selected_suites(args):
+        if args.steps is not None:
+            config[suite].steps = args.steps
+        if args.eval_every is not None:
+            config[suite].eval_every = args.eval_every
+    known = {name for suite in selected_suites(args) for name in config[suite].methods}
+    unknown = sorted(set(args.methods or ()) - known)
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {unknown} for --suite {args.suite}; choose from {sorted(known)}.")
+    return config
+
+
+def methods_of(config: DictConfig, suite: str, wanted: list[str] | None) -> list[str]:
+    """The suite's methods in config order, only those in ``wanted`` when it is given."""
+    return [name for name in config[suite].methods if wanted is None or name in wanted]
+
+
+# --- one method, in its own process -------------------------------------------------------------------------------
+
+
+class Meter(Callback):
+    """Records, for every optimizer step, the loss and what the method keeps on the compute device, and the
+    evaluation set's score with the training seconds spent before it.
+
+    Must come before HiFT's callback in the Trainer's list: HiFT switches blocks (and sends the optimizer state of
+    the trained one to host memory) in the same hook in which this measures the step.
+    """
+
+    def __init__(self, timer: StepTimer, accounting: Accounting, metric: str) -> None:
+        self.timer = timer
+        self.accounting = accounting
+        self.metric = metric
+        self.steps: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self._grads: tuple[int, int] = (0, 0)
+        self._last_step = 0
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        self._grads = self.accounting.grads(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside an accumulation window
+        self._last_step = trainer.global_step
+        device_state, host_state = self.accounting.optimizer_state(trainer)
+        grad_bytes, trainable = self._grads
+        self.steps.append(
+            {
+                "loss": float(trainer.callback_metrics["train/loss"]),
+                "grad_bytes": grad_bytes,
+                "trainable": trainable,
+                "state_bytes": device_state,
+                "host_state_bytes": host_state,
+                "master_bytes": self.accounting.masters(trainer),
+            }
+        )
+        self._grads = (0, 0)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evals and self.evals[-1]["step"] == trainer.global_step:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        self.evals.append({"step": trainer.global_step, "train_seconds": sum(self.timer.seconds), "value": value})
+
+
+def make_data(suite_cfg: DictConfig, seed: int) -> tuple[LightningDataModule, DataLoader[Any]]:
+    """The suite's data module, set up, and its fixed evaluation loader."""
+    data: LightningDataModule
+    if suite_cfg.task == "classifier":
+        data = TweetSentimentDataModule(tokenizer=suite_cfg.model, seed=seed, **suite_cfg.data)
+        data.setup("fit")
+        return data, data.test_dataloader()
+    data = LanguageModelingDataModule(tokenizer=suite_cfg.model, seed=seed, **suite_cfg.data)
+    data.setup("fit")
+    return data, data.val_dataloader()
+
+
+def load_model(suite_cfg: DictConfig, data: LightningDataModule) -> nn.Module:
+    if suite_cfg.task == "classifier":
+        assert isinstance(data, TweetSentimentDataModule)
+        return load_sequence_classifier(suite_cfg.model, data.num_classes)
+    return load_causal_lm(suite_cfg.model)
+
+
+def suite_settings(config: DictConfig, suite: str) -> dict[str, Any]:
+    """What every method of the suite shares (model, data, steps, schedule, seed, accelerator), for its records."""
+    settings = OmegaConf.to_container(config[suite], resolve=True)
+    assert isinstance(settings, dict)
+    del settings["methods"]
+    return {**settings, "seed": config.seed, "accelerator": config.accelerator}
+
+
+def run_one(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
+    """Train one method of a suite and return its record; a peer that cannot run returns an unavailable record.
+
+    Runs in the calling process, so its peak resident memory is the process's: the driver calls it in a fresh
+    process per method.
+    """
+    suite_cfg = config[suite]
+    entry = suite_cfg.methods[method]
+    record: dict[str, Any] = {
+        "suite": suite,
+        "method": method,
+        "index": list(suite_cfg.methods).index(method),
+        "kind": entry.kind,
+        "lr": entry.lr,
+        "lr_from": entry.get("lr_from", ""),
+        "config": OmegaConf.to_container(entry),
+        "settings": suite_settings(config, suite),
+        "command": config.get("command", ""),
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+    }
+    started = time.perf_counter()
+    others = OtherProcesses()
+    seed_everything(config.seed, workers=True)
+    data, eval_loader = make_data(suite_cfg, config.seed)
+    try:
+        model = load_model(suite_cfg, data)
+        run = build(
+            suite_cfg.task, model, Hyper(entry.lr, suite_cfg.weight_decay, suite_cfg.warmup_ratio), entry, config.seed
+        )
+        record |= train(run, config, suite_cfg, data, eval_loader)
+    except Exception as err:
+        if entry.kind not in PEER_PACKAGES:
+            raise
+        record |= {"status": "unavailable", "reason": describe_failure(err, PEER_PACKAGES[entry.kind])}
+    record["wall_seconds"] = time.perf_counter() - started
+    record["other_cores"] = others.cores()
+    return record
+
+
+class OtherProcesses:
+    """How many cores other processes kept busy since this object was made, from ``/proc/stat`` (Linux).
+
+    Other work stretches step times, badly so when it competes with torch's threads: the report says how busy the
+    machine was.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        stat = Path("/proc/stat")
+        if not stat.is_file():
+            return None
+        ticks = [int(field) for field in stat.read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), busy, usage.ru_utime + usage.ru_stime
+
+    def cores(self) -> float | None:
+        """Average cores used by other processes; None where ``/proc/stat`` is missing."""
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        elapsed = end[0] - self._start[0]
+        return max(0.0, ((end[1] - self._start[1]) - (end[2] - self._start[2])) / elapsed) if elapsed > 0 else 0.0
+
+
+def train(
+    run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: LightningDataModule, eval_loader: DataLoader[Any]
+) -> dict[str, Any]:
+    """Score the evaluation set, fit for the suite's steps (scoring it every ``eval_every`` steps and after the last
+    one) and return the figures of the record."""
+    timer = StepTimer()
+    meter = Meter(timer, run.accounting, METRICS[suite_cfg.task])
+    trainer = Trainer(
+        accelerator=config.accelerator,
+        devices=1,
+        strategy=run.strategy,
+        max_steps=suite_cfg.steps,
+        # Counted in optimizer steps across epochs: validation is the benchmark's evaluation set.
+        val_check_interval=suite_cfg.eval_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        # Metrics first scored under inference mode (before fit) could not be updated by fit's own validation.
+        inference_mode=False,
+        # The meter before the method's callbacks, to measure a step before HiFT switches blocks; the timer last,
+        # so that a step's time includes what a method does after its update (HiFT's switch).
+        callbacks=[meter, *run.callbacks, timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(run.module, dataloaders=eval_loader, verbose=False)
+    trainer.fit(run.module, train_dataloaders=data.train_dataloader(), val_dataloaders=eval_loader)
+    if meter.evals[-1]["step"] != trainer.global_step:
+        trainer.validate(run.module, dataloaders=eval_loader, verbose=False)
+    steps = meter.steps
+    device_bytes = [step["grad_bytes"] + step["state_bytes"] for step in steps]
+    return {
+        "status": "ok",
+        "description": run.description,
+        "steps": trainer.global_step,
+        "params": sum(p.numel() for p in run.module.parameters()),
+        "seconds_per_step": timer.median_seconds,
+        "train_seconds": sum(timer.seconds),
+        "device_bytes": max(device_bytes),
+        "grad_bytes": max(step["grad_bytes"] for step in steps),
+        "state_bytes": max(step["state_bytes"] for step in steps),
+        "host_state_bytes": max(step["host_state_bytes"] for step in steps),
+        "master_bytes": max(step["master_bytes"] for step in steps),
+        "trainable_mean": sum(step["trainable"] for step in steps) / len(steps),
+        "trainable_max": max(step["trainable"] for step in steps),
+        "loss": [step["loss"] for step in steps],
+        "evals": meter.evals,
+        **peak_memory(trainer.strategy.root_device),
+    }
+
+
+def describe_failure(err: BaseException, package: str) -> str:
+    """The error and, when the peer's own code raised it, where: ``AssertionError: ... (lomo_optim/adalomo.py:91)``."""
+    if isinstance(err, ImportError):
+        return f"{type(err).__name__}: {err} (install the bench extra: pip install -e '.[bench]')"
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__) if f"/{package}/" in frame.filename]
+    if not frames:
+        return f"{type(err).__name__}: {err}"
+    inside = frames[-1].filename.rsplit(f"/{package}/", 1)[1]
+    return f"{type(err).__name__}: {err} (raised in {package}/{inside}:{frames[-1].lineno})"
+
+
+def machine() -> str:
+    """One line naming the processor, the cores this process may use, and the library versions."""
+    import lightning
+    import transformers
+
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line), cpu
+        )
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no accelerator"
+    versions = f"torch {torch.__version__}, Lightning {lightning.__version__}, transformers {transformers.__version__}"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores{gpu}; {versions}"
+
+
+# --- the driver ----------------------------------------------------------------------------------------------------
+
+
+def records_dir(out: Path, suite: str) -> Path:
+    return out / "benchmark_runs" / suite
+
+
+def spawn(out: Path, suite: str, method: str) -> dict[str, Any] | None:
+    """Run one method in a child process; return a failure record if it wrote none (its traceback is shown)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", f"{suite}/{method}", "--out", str(out)]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    tail: deque[str] = deque(maxlen=1)
+    for line in child.stderr:  # shown as it comes, the last line kept as the reason of a failure
+        sys.stderr.write(line)
+        if line.strip():
+            tail.append(line.strip())
+    code = child.wait()
+    if code == 0 and (records_dir(out, suite) / f"{method}.json").is_file():
+        return None
+    return {"suite": suite, "method": method, "status": "failed", "reason": f"exit code {code}: {''.join(tail)}"}
+
+
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    folder = records_dir(out, record["suite"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{record['method']}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """``--run-one SUITE/METHOD``: one method with the settings the driver saved, its record written to disk."""
+    suite, method = args.run_one.split("/", 1)
+    config = OmegaConf.load(args.out / "benchmark_runs" / "config.yaml")
+    assert isinstance(config, DictConfig)
+    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's device banners, per method
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    write_record(args.out, run_one(config, suite, method))
+
+
+def prepare(args: argparse.Namespace, argv: list[str] | None = None) -> DictConfig:
+    """The run's settings, with the command that produced them, saved where the child processes read them."""
+    config = load_config(args)
+    config.command = shlex.join(["python", "experiments/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "benchmark_runs").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, args.out / "benchmark_runs" / "config.yaml")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.run_one:
+        child_main(args)
+        return
+    if args.report_only:
+        write_report(args.out)
+        return
+    config = prepare(args, argv)
+    failed = []
+    for suite in selected_suites(args):
+        # A suite's table compares methods measured in one invocation: earlier records of it go.
+        for old in records_dir(args.out, suite).glob("*.json"):
+            old.unlink()
+        for method in methods_of(config, suite, args.methods):
+            print(f"== {suite}/{method}", flush=True)
+            failure = spawn(args.out, suite, method)
+            if failure is not None:
+                failed.append(f"{suite}/{method}")
+                index = list(config[suite].methods).index(method)
+                write_record(args.out, {**failure, "index": index, "settings": suite_settings(config, suite)})
+    write_report(args.out)
+    if failed:
+        raise SystemExit(f"These runs failed (see their tracebacks above): {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
