@@ -44,7 +44,6 @@ from typing_extensions import override
 from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.strategy import HiFTStrategyBase
-from lightning_hift.units import LayersSpec
 
 
 def split_into_buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
@@ -142,8 +141,8 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
     are averaged.
 
     Args:
-        layers_per_block, order, seed, switch_every, optimizer_state, lr_update, layers, frozen, on_nonfinite:
-            as for :class:`~lightning_hift.HiFTStrategy`; every process must get the same values.
+        hift: the HiFT arguments (``layers_per_block``, ``order``, ...) of
+            :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values.
         bucket_cap_mb: the largest all-reduce bucket, in MiB (DDP's default is 25).
         start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what
             torchrun and SLURM use), ``"spawn"`` or ``"fork"``.
@@ -155,15 +154,7 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
 
     def __init__(
         self,
-        layers_per_block: int = 1,
-        order: str = "bottom2up",
-        seed: int = 0,
-        switch_every: int = 1,
-        optimizer_state: str = "offload",
-        lr_update: str = "cycle",
-        layers: LayersSpec = None,
-        frozen: Sequence[str] = (),
-        on_nonfinite: str = "skip",
+        *hift_args: Any,
         bucket_cap_mb: float = 25.0,
         start_method: str = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -173,19 +164,12 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        **hift: Any,
     ) -> None:
         if not bucket_cap_mb > 0:
             raise HiFTConfigError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
         super().__init__(
-            layers_per_block=layers_per_block,
-            order=order,
-            seed=seed,
-            switch_every=switch_every,
-            optimizer_state=optimizer_state,
-            lr_update=lr_update,
-            layers=layers,
-            frozen=frozen,
-            on_nonfinite=on_nonfinite,
+            *hift_args,
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
@@ -194,6 +178,7 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
+            **hift,
         )
         self.bucket_bytes = int(bucket_cap_mb * 2**20)
         self.averager: GradientAverager | None = None

@@ -38,7 +38,23 @@ class HiFTStrategyBase(Strategy):
     """The HiFT mechanism, shared by :class:`HiFTStrategy` (one device) and ``HiFTDDPStrategy`` (many processes).
 
     Concrete strategies put this class before a Lightning strategy in their bases, and that strategy provides the
-    devices, processes and collectives. See :class:`HiFTStrategy` for the arguments.
+    devices, processes and collectives; ``strategy_kwargs`` go to it.
+
+    Args:
+        layers_per_block: units (embeddings, one layer, or the output end) per block.
+        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
+        seed: seed of the random order.
+        switch_every: optimizer steps a block stays active before the next one takes over.
+        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
+            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
+        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
+            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
+        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
+            automatically for known Hugging Face families and for any model with one repeated ModuleList.
+        frozen: fnmatch patterns of parameter names never trained.
+        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
+            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
+            an error. Either way no non-finite value reaches the weights or the optimizer state.
     """
 
     def __init__(
@@ -310,55 +326,31 @@ class HiFTStrategy(HiFTStrategyBase, SingleDeviceStrategy):
     """Train every parameter, one block of ``layers_per_block`` units per optimizer step, on one device.
 
     Args:
-        layers_per_block: units (embeddings, one layer, or the output end) per block.
-        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
-        seed: seed of the random order.
-        switch_every: optimizer steps a block stays active before the next one takes over.
-        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
-            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
-        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
-            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
-        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
-            automatically for known Hugging Face families and for any model with one repeated ModuleList.
-        frozen: fnmatch patterns of parameter names never trained.
-        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
-            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
-            an error. Either way no non-finite value reaches the weights or the optimizer state.
+        hift: the HiFT arguments (``layers_per_block``, ``order``, ``seed``, ``switch_every``,
+            ``optimizer_state``, ``lr_update``, ``layers``, ``frozen``, ``on_nonfinite``): see
+            :class:`HiFTStrategyBase`.
         device: the compute device; by default the one the Trainer's accelerator gives.
+        accelerator, checkpoint_io, precision_plugin: as for Lightning's ``SingleDeviceStrategy``.
     """
 
     strategy_name = "hift"
 
     def __init__(
         self,
-        layers_per_block: int = 1,
-        order: str = "bottom2up",
-        seed: int = 0,
-        switch_every: int = 1,
-        optimizer_state: str = "offload",
-        lr_update: str = "cycle",
-        layers: LayersSpec = None,
-        frozen: Sequence[str] = (),
-        on_nonfinite: str = "skip",
+        *hift_args: Any,
         device: _DEVICE | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **hift: Any,
     ) -> None:
         super().__init__(
-            layers_per_block=layers_per_block,
-            order=order,
-            seed=seed,
-            switch_every=switch_every,
-            optimizer_state=optimizer_state,
-            lr_update=lr_update,
-            layers=layers,
-            frozen=frozen,
-            on_nonfinite=on_nonfinite,
+            *hift_args,
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
+            **hift,
         )
         self._device_given = device is not None
         # Set by the Trainer's accelerator connector to the devices the accelerator offers.
