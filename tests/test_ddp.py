@@ -42,7 +42,7 @@ def fit_two_processes(
     )
     callbacks: list[Any] = [RankReport(out)]
     if checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=max_steps))
+        callbacks.append(_checkpoint_at_the_end(checkpoint_dir, max_steps))
     trainer = quiet_trainer(
         strategy=HiFTDDPStrategy(start_method="spawn", **hift),
         devices=WORLD,
@@ -56,14 +56,27 @@ def fit_two_processes(
     return load_reports(out, WORLD)
 
 
-def fit_one_process(max_steps: int, ckpt_path: Path | None = None, accumulate: int = 1, **hift: Any) -> dict[str, Any]:
+def _checkpoint_at_the_end(folder: Path, max_steps: int) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=max_steps)
+
+
+def fit_one_process(
+    max_steps: int,
+    ckpt_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    accumulate: int = 1,
+    **hift: Any,
+) -> dict[str, Any]:
     torch.manual_seed(0)
     module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
+    callbacks = [] if checkpoint_dir is None else [_checkpoint_at_the_end(checkpoint_dir, max_steps)]
     trainer = quiet_trainer(
         strategy=HiFTStrategy(**hift),
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         use_distributed_sampler=False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint_dir is not None,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -106,7 +119,7 @@ def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Pa
         assert report["bytes_reduced"] < steps * sum(p.nbytes for p in report["params"].values())
 
 
-def test_a_checkpoint_resumes_on_two_processes_and_on_one(tmp_path: Path) -> None:
+def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Path) -> None:
     # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
     hift = {"layers_per_block": 2, "switch_every": 4}
     fit_two_processes(tmp_path / "first", 10, checkpoint_dir=tmp_path / "ckpt", **hift)
@@ -118,6 +131,12 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one(tmp_path: Path) -> Non
     assert_same(resumed[0]["params"], resumed[1]["params"], exact=True)
     assert_same(resumed[0]["params"], uninterrupted, exact=True)
     assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
+
+    # And a one-process checkpoint continues on two processes.
+    fit_one_process(10, checkpoint_dir=tmp_path / "ckpt_one", **hift)
+    (ckpt_one,) = (tmp_path / "ckpt_one").iterdir()
+    continued = fit_two_processes(tmp_path / "continued", 16, ckpt_path=ckpt_one, **hift)
+    assert_same(continued[0]["params"], uninterrupted, exact=False)
 
 
 def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
