@@ -249,12 +249,7 @@ def classifier_section(records: list[Record]) -> list[str]:
         "",
     ]
     header = [
-        "method",
-        "lr",
-        "s / step",
-        "speed vs full",
-        *(name for name, _ in memory),
-        "trainable / step",
+        *measured_header(memory),
         f"acc after {steps} steps",
         f"acc at T = {seconds_text(budget)}" if budget is not None else "acc at T",
     ]
@@ -286,6 +281,11 @@ def classifier_section(records: list[Record]) -> list[str]:
     return lines
 
 
+def measured_header(memory: list[tuple[str, str]]) -> list[str]:
+    """The headers of :func:`measured_cells`."""
+    return ["method", "lr", "s / step", "speed vs full", *(name for name, _ in memory), "trainable / step"]
+
+
 def measured_cells(record: Record, full: Record | None, memory: list[tuple[str, str]]) -> list[str]:
     """The cells every suite's table starts with: method, rate, speed, memory columns, trainable parameters."""
     return [
@@ -315,12 +315,7 @@ def decoder_section(records: list[Record]) -> list[str]:
         "",
     ]
     header = [
-        "method",
-        "lr",
-        "s / step",
-        "speed vs full",
-        *(name for name, _ in memory),
-        "trainable / step",
+        *measured_header(memory),
         "val ppl before",
         f"val ppl after {steps} steps",
     ]

@@ -35,6 +35,7 @@ def fit_two_processes(
     out: Path, max_steps: int, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None, **hift: Any
 ) -> list[dict[str, Any]]:
     accumulate = hift.pop("accumulate", 1)
+    precision = hift.pop("precision", "32-true")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = ShardedTinyModule(
@@ -48,6 +49,7 @@ def fit_two_processes(
         devices=WORLD,
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
+        precision=precision,
         use_distributed_sampler=False,
         callbacks=callbacks,
         enable_checkpointing=checkpoint_dir is not None,
@@ -117,6 +119,18 @@ def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Pa
             assert batch["bytes"] == (batch["block_grad_bytes"] if last_of_window else 0), i
         assert report["bytes_reduced"] == sum(b["bytes"] for b in batches)
         assert report["bytes_reduced"] < steps * sum(p.nbytes for p in report["params"].values())
+
+
+def test_half_precision_weights_average_half_precision_grads_and_step_fp32_masters(tmp_path: Path) -> None:
+    reports = fit_two_processes(tmp_path, 6, precision="bf16-true")
+    assert_same(reports[0]["params"], reports[1]["params"], exact=True)
+    for report in reports:
+        assert all(p.dtype == torch.bfloat16 for p in report["params"].values())
+        # bf16 gradients: half the bytes of fp32 ones, the active block's only.
+        assert all(b["bytes"] == b["block_grad_bytes"] for b in report["batches"])
+    torch.manual_seed(0)  # the weights fit_two_processes starts from
+    start = {n: p.to(torch.bfloat16) for n, p in ShardedTinyModule().named_parameters()}
+    assert all(not torch.equal(start[n], p) for n, p in reports[0]["params"].items())  # every block was stepped
 
 
 def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Path) -> None:
