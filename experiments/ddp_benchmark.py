@@ -54,10 +54,11 @@ class CountedDDPStrategy(DDPStrategy):
 class TrafficMeter(Callback):
     """Counts the bytes of every all-reduce made during training batches; rank 0 writes the figures as JSON."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timer: StepTimer) -> None:
         self.path = path
         self.bytes = 0
-        self.timer = StepTimer()
+        self.timer = timer
+        self._in_batch = False
         self._original: Any = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -68,7 +69,6 @@ class TrafficMeter(Callback):
                 self.bytes += tensor.nbytes
             return self._original(tensor, *args, **kwargs)
 
-        self._in_batch = False
         dist.all_reduce = counting  # type: ignore[assignment]
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -76,14 +76,9 @@ class TrafficMeter(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._in_batch = True
-        self.timer.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self.timer.on_train_batch_end(trainer, pl_module, *args)
         self._in_batch = False
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.timer.on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -121,6 +116,7 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         tokenizer=args.model, batch_size=args.batch_size * args.processes // processes, seed=args.seed
     )
     module = SequenceClassifier(args.model, num_labels=data.num_classes, lr=lr)
+    timer = StepTimer()
     path = out / "ddp_runs" / f"{method}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
@@ -128,7 +124,7 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         devices=processes,
         strategy=make_strategy(method),
         max_steps=args.steps,
-        callbacks=[TrafficMeter(str(path))],
+        callbacks=[timer, TrafficMeter(str(path), timer)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -84,7 +84,6 @@ class GradientAverager:
         self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.listening = False
         self.bytes_last_step = 0
-        self.bytes_total = 0
         self.collectives_total = 0
         self._missing: list[int] = []
         self._launched: list[tuple[Any, Tensor]] = []
@@ -107,24 +106,19 @@ class GradientAverager:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._launched.append((work, flat))
-        self.bytes_last_step += flat.nbytes
         self.collectives_total += 1
 
     def finish(self) -> None:
         """Start the buckets not started yet, wait for all, and write the averaged gradients back."""
         while len(self._launched) < len(self.buckets):
             self._launch()
+        self.bytes_last_step = sum(flat.nbytes for _, flat in self._launched)
         for (work, flat), bucket in zip(self._launched, self.buckets, strict=True):
             work.wait()
             flat.div_(self.world_size)
             for p, grad in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
                 p.grad = grad.view_as(p)
-        self.bytes_total += self.bytes_last_step
         self._reset()
-
-    def begin_step(self) -> None:
-        """Forget what the last step sent; counters of the whole run are kept."""
-        self.bytes_last_step = 0
 
     def close(self) -> None:
         """Remove the hooks from the parameters."""
@@ -251,12 +245,6 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
         finally:
             if self.averager is not None:
                 self.averager.listening = False
-
-    @override
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        if self.averager is not None:
-            self.averager.begin_step()
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     @override
     def _reduce_grads(self, block: Block) -> None:
