@@ -1,7 +1,8 @@
 """Units -> blocks: the groups of consecutive units that train together in one optimizer step.
 
 The partition invariant: every parameter that requires grad, and that no ``frozen`` pattern names, is in
-exactly one block, once (tied weights included); no block is empty.
+exactly one block, once (tied weights included); no block is empty. A ``frozen`` pattern names a tied or
+shared parameter when it matches any of the names the parameter is registered under.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Block:
 
 
 def partition(
-    model: nn.Module, layers_per_block: int = 1, layers: LayersSpec = None, frozen: Sequence[str] = ()
+    model: nn.Module, layers_per_block: int = 1, layers: LayersSpec = None, frozen: Sequence[str] | None = ()
 ) -> list[Block]:
     """Cut the trainable parameters of ``model`` into blocks of ``layers_per_block`` consecutive units.
 
@@ -45,15 +46,16 @@ def partition(
         layers_per_block: Units per block (m). The last block holds the remainder, so there are
             ``ceil(units / m)`` blocks.
         layers: Where the repeated layers are; see :func:`lightning_hift.units.find_units`.
-        frozen: ``fnmatch`` patterns of parameter names that are never trained, e.g. ``("*.embed_tokens.*",)``.
+        frozen: ``fnmatch`` patterns of parameter names that are never trained, e.g. ``["*.embed_tokens.*"]``;
+            see :func:`check_frozen`. A tied weight is frozen when a pattern matches any of its names.
 
     Returns:
         The blocks, input side first. Parameters with ``requires_grad=False`` or named by ``frozen`` are left
         out, and so are units left without parameters.
 
     Raises:
-        HiFTConfigError: If ``layers_per_block`` is not a positive int, a ``frozen`` pattern matches no
-            parameter, nothing is left to train, or the layers cannot be found.
+        HiFTConfigError: If ``layers_per_block`` is not a positive int, ``frozen`` is not a list of patterns or
+            one matches no parameter, nothing is left to train, or the layers cannot be found.
 
     Example:
         >>> from torch import nn
@@ -67,10 +69,10 @@ def partition(
     """
     if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < 1:
         raise HiFTConfigError(f"layers_per_block must be an int >= 1, got {layers_per_block!r}.")
-    patterns = (frozen,) if isinstance(frozen, str) else tuple(frozen)
+    patterns = check_frozen(frozen)
     params = dict(model.named_parameters())
-    _check_patterns(patterns, list(params))
-    units = [_trainable(unit, params, patterns) for unit in find_units(model, layers)]
+    frozen_names = _frozen_names(model, patterns)
+    units = [_trainable(unit, params, frozen_names) for unit in find_units(model, layers)]
     units = [unit for unit in units if unit.param_names]
     if not units:
         raise HiFTConfigError(_nothing_to_train(params, patterns))
@@ -97,8 +99,48 @@ def describe_partition(blocks: Sequence[Block]) -> str:
     return "\n".join(rows)
 
 
-def _trainable(unit: Unit, params: dict[str, nn.Parameter], patterns: tuple[str, ...]) -> Unit:
-    names = tuple(name for name in unit.param_names if params[name].requires_grad and not _matches(name, patterns))
+def check_frozen(frozen: Sequence[str] | None) -> tuple[str, ...]:
+    """Check a ``frozen=`` argument before any model is seen, and normalise it.
+
+    Args:
+        frozen: ``fnmatch`` patterns matched against full parameter names, e.g. ``["*.embed_tokens.*"]``.
+            ``None`` means nothing is frozen, like ``()``.
+
+    Returns:
+        The patterns as a tuple.
+
+    Raises:
+        HiFTConfigError: If ``frozen`` is a single string (wrap it in a list), not a sequence, or holds
+            something other than strings.
+    """
+    if frozen is None:
+        return ()
+    if isinstance(frozen, str):
+        raise HiFTConfigError(f"frozen={frozen!r} is a single string; pass a list of patterns: frozen=[{frozen!r}].")
+    if not isinstance(frozen, Sequence):
+        raise HiFTConfigError(
+            f"frozen= must be a list of fnmatch patterns such as ['*.embed_tokens.*'] (or () to freeze nothing); "
+            f"got {frozen!r} ({type(frozen).__name__})."
+        )
+    if not_patterns := [pattern for pattern in frozen if not isinstance(pattern, str)]:
+        raise HiFTConfigError(
+            f"frozen= lists {not_patterns[0]!r} ({type(not_patterns[0]).__name__}); every entry must be a pattern "
+            "string such as '*.embed_tokens.*'."
+        )
+    return tuple(frozen)
+
+
+def _frozen_names(model: nn.Module, patterns: tuple[str, ...]) -> set[str]:
+    """Parameters (by the name ``named_parameters`` gives them) that one of ``patterns`` names by any alias."""
+    first_name = {id(param): name for name, param in model.named_parameters()}
+    # A tied weight is listed once, under its first name (the input embedding); users name it by either.
+    aliases = [(first_name[id(param)], alias) for alias, param in model.named_parameters(remove_duplicate=False)]
+    _check_patterns(patterns, [alias for _, alias in aliases])
+    return {name for name, alias in aliases if _matches(alias, patterns)}
+
+
+def _trainable(unit: Unit, params: dict[str, nn.Parameter], frozen_names: set[str]) -> Unit:
+    names = tuple(name for name in unit.param_names if params[name].requires_grad and name not in frozen_names)
     return Unit(unit.name, names)
 
 

@@ -3,10 +3,16 @@
 The repeated layers are found, in this priority, from the user's ``layers=`` override, from the
 :data:`FAMILIES` table keyed by the Hugging Face ``config.model_type``, or from a generic search for the
 largest list of identical modules. Every parameter then joins exactly one unit.
+
+A model without repeated layers (an MLP, a small CNN, an autoencoder) is cut as a last resort: one unit per
+module that holds parameters itself, in registration order (a stand-in for forward order), with light
+modules (norms, BatchNorm, bias-only modules, tiny embeddings) merged into a neighbour; see
+:func:`find_units`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -17,6 +23,11 @@ from lightning_hift.errors import HiFTConfigError
 
 EMBEDDINGS = "embeddings"
 OUTPUT = "output"
+
+LIGHT_FRACTION = 1e-3
+"""In the last-resort cut, a module with fewer parameters than this share of the largest one is light."""
+
+_log = logging.getLogger("lightning_hift")
 
 LayersSpec: TypeAlias = str | Sequence[str] | Callable[[nn.Module], Sequence[nn.Module]] | None
 
@@ -71,6 +82,8 @@ FAMILIES: dict[str, Family] = {
     # OPTDecoder registers its final norm and output projection before its layers.
     "opt": Family(layers=("decoder.layers",), output=("decoder.final_layer_norm", "decoder.project_out")),
     "t5": Family(layers=("encoder.block", "decoder.block")),
+    # ALBERT applies one layer group at every depth: the group is a single unit, however many layers it runs.
+    "albert": Family(layers=("encoder.albert_layer_groups",)),
 }
 """Model-family knowledge keyed by ``config.model_type``; add an entry to teach HiFT a new family."""
 
@@ -82,8 +95,48 @@ class _HFModel:
     family: Family | None
 
 
+def check_layers_spec(layers: LayersSpec) -> None:
+    """Check the type of a ``layers=`` argument before any model is seen.
+
+    Args:
+        layers: The value given for ``layers=``.
+
+    Raises:
+        HiFTConfigError: If ``layers`` is not ``None``, a dotted path, a non-empty sequence of dotted paths, or a
+            callable (a module is refused: it is callable, but it is not a function returning the layers).
+    """
+    accepted = "a dotted path such as 'model.layers', a non-empty list of such paths, or a callable"
+    # A module is callable, so without this check it would be called as if it were the layers function.
+    if isinstance(layers, nn.Module):
+        raise HiFTConfigError(
+            f"layers= got a {type(layers).__name__} module; pass its dotted path (e.g. 'model.layers') "
+            "or a callable that returns the layer modules."
+        )
+    if layers is None or isinstance(layers, str) or callable(layers):
+        return
+    if not isinstance(layers, Sequence) or not layers:
+        raise HiFTConfigError(
+            f"layers= must be {accepted} that returns the layer modules (or None to find them); "
+            f"got {layers!r} ({type(layers).__name__})."
+        )
+    if not_paths := [path for path in layers if not isinstance(path, str)]:
+        raise HiFTConfigError(
+            f"layers= lists {not_paths[0]!r} ({type(not_paths[0]).__name__}); every entry must be a dotted path "
+            "string such as 'model.layers'."
+        )
+
+
 def find_units(model: nn.Module, layers: LayersSpec = None) -> list[Unit]:
     """Split ``model`` into units ordered by depth.
+
+    The repeated layers come from ``layers``, else from :data:`FAMILIES` for a Hugging Face model, else from
+    the largest ``nn.ModuleList`` / ``nn.Sequential`` of modules of one class. A model without any is cut
+    as a last resort (and says so in an INFO log line of the ``lightning_hift`` logger): one unit per module
+    that holds parameters itself, in registration order, named after that module (the model's own
+    parameters each after themselves). A light module, one whose parameters are all vectors (norms,
+    BatchNorm, biases) or that holds less than :data:`LIGHT_FRACTION` of the largest module's parameters
+    (a tiny embedding), joins the unit before it, or the one after it when none is before. A module or
+    parameter registered under two names is listed once, under its first name.
 
     Args:
         model: A LightningModule, a Hugging Face model, or any ``nn.Module``.
@@ -92,32 +145,33 @@ def find_units(model: nn.Module, layers: LayersSpec = None) -> list[Unit]:
             ``model`` and returns the layer modules in depth order. ``None`` finds them automatically.
 
     Returns:
-        ``"embeddings"`` (if it has parameters), one unit per layer, then ``"output"`` (if it has parameters).
+        ``"embeddings"`` (if it has parameters), one unit per layer, then ``"output"`` (if it has parameters);
+        or, from the last-resort cut, one unit per module with parameters (light modules merged).
 
     Raises:
-        HiFTConfigError: If the layers cannot be found or ``layers`` does not point at them.
+        HiFTConfigError: If the model has no parameters, ``layers`` has the wrong type, or ``layers`` does not
+            point at the layers.
     """
+    check_layers_spec(layers)
+    if next(model.parameters(), None) is None:
+        raise HiFTConfigError(
+            f"The model ({type(model).__name__}) has no parameters, so HiFT has nothing to train; register the "
+            "layers as attributes of the module (nn.Module or nn.Parameter) before fitting."
+        )
     hf = _find_hf_model(model)
     layer_names = _layer_names(model, layers, hf)
+    if not layer_names:
+        return _registration_order_units(model)
     _check_layer_names(layer_names)
     return _assign(model, layer_names, _output_modules(hf))
 
 
 def _layer_names(model: nn.Module, layers: LayersSpec, hf: _HFModel | None) -> list[str]:
-    if isinstance(layers, nn.Module):
-        # A module is callable, so without this check it would be called as if it were the layers function.
-        raise HiFTConfigError(
-            f"layers= got a {type(layers).__name__} module; pass its dotted path (e.g. 'model.layers') "
-            "or a callable that returns the layer modules."
-        )
+    """The repeated layers' qualified names, or ``[]`` when the model has none."""
     if callable(layers):
         return _names_from_callable(model, layers)
     if layers is not None:
         paths = [layers] if isinstance(layers, str) else list(layers)
-        if not paths or not all(isinstance(path, str) for path in paths):
-            raise HiFTConfigError(
-                f"layers= must be a dotted path, a non-empty list of paths, or a callable; got {layers!r}."
-            )
         return _children(model, [_resolve_path(model, path) for path in paths])
     if hf is not None and hf.family is not None:
         containers = [name for path in hf.family.layers for name in _match_in_hf(hf, path, _is_container)]
@@ -193,11 +247,7 @@ def _generic_containers(model: nn.Module) -> list[str]:
     sizes = {name: _numel(model.get_submodule(name)) for name in outer}
     largest = max(sizes.values(), default=0)
     if largest == 0:
-        raise HiFTConfigError(
-            f"The model ({type(model).__name__}) has no repeated layers (no nn.ModuleList or nn.Sequential of two "
-            "or more modules of one class with parameters); pass layers='dotted.path' or a callable that returns "
-            "the layer modules."
-        )
+        return []
     # Half the largest keeps both stacks of an encoder-decoder while skipping small repeated parts.
     return [name for name in outer if 2 * sizes[name] >= largest]
 
@@ -218,6 +268,58 @@ def _assign(model: nn.Module, layer_names: list[str], output_modules: list[str])
         buckets[owner].append(name)
     units = [Unit(name, tuple(names)) for name, names in buckets.items()]
     return [unit for unit in units if unit.param_names or unit.name not in (EMBEDDINGS, OUTPUT)]
+
+
+def _registration_order_units(model: nn.Module) -> list[Unit]:
+    params = dict(model.named_parameters())
+    pieces = _pieces_by_owner(list(params))
+    largest = max(_piece_numel(piece, params) for piece in pieces)
+    light = [_is_light(piece, params, largest) for piece in pieces]
+    units = _merge_light(pieces, light)
+    _log.info(
+        "%s has no repeated layers (no nn.ModuleList or nn.Sequential of modules of one class), so HiFT cut it "
+        "into %d units in registration order, norms and other light modules merged into a neighbour: %s. "
+        "To choose the layers, pass layers='dotted.path' or a callable that returns the layer modules.",
+        type(model).__name__,
+        len(units),
+        ", ".join(unit.name for unit in units),
+    )
+    return units
+
+
+def _pieces_by_owner(param_names: list[str]) -> list[Unit]:
+    """One piece per module that holds parameters itself; ``named_parameters`` lists each one's together."""
+    owners: dict[str, list[str]] = {}
+    for name in param_names:
+        # The model's own parameters (no dot in the name) have no module to be named after but themselves.
+        owner = name.rpartition(".")[0] or name
+        owners.setdefault(owner, []).append(name)
+    return [Unit(owner, tuple(names)) for owner, names in owners.items()]
+
+
+def _piece_numel(piece: Unit, params: dict[str, nn.Parameter]) -> int:
+    return sum(params[name].numel() for name in piece.param_names)
+
+
+def _is_light(piece: Unit, params: dict[str, nn.Parameter], largest: int) -> bool:
+    # A unit of its own would spend a whole optimizer step of every cycle on next to nothing.
+    vectors_only = all(params[name].dim() < 2 for name in piece.param_names)
+    return vectors_only or _piece_numel(piece, params) < LIGHT_FRACTION * largest
+
+
+def _merge_light(pieces: list[Unit], light: list[bool]) -> list[Unit]:
+    units: list[Unit] = []
+    leading: tuple[str, ...] = ()  # light pieces before the first heavy one wait to join it
+    for piece, is_light in zip(pieces, light, strict=True):
+        if not is_light:
+            units.append(Unit(piece.name, leading + piece.param_names))
+            leading = ()
+        elif units:
+            units[-1] = Unit(units[-1].name, units[-1].param_names + piece.param_names)
+        else:
+            leading += piece.param_names
+    # Only light pieces (a lone LayerNorm): nothing to merge them into, so they are one unit together.
+    return units or [Unit(pieces[0].name, leading)]
 
 
 def _owner(param_name: str, layers: set[str], outputs: set[str]) -> str | None:

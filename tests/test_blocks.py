@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import doctest
+from typing import Any
 
 import pytest
 from torch import nn
 
 from lightning_hift import blocks as blocks_module
-from lightning_hift.blocks import Block, describe_partition, partition
+from lightning_hift.blocks import Block, check_frozen, describe_partition, partition
 from lightning_hift.errors import HiFTConfigError
+from tests.helpers.plain_models import PLAIN_MODELS, TiedHead
 from tests.helpers.tiny_models import TINY_MODELS, TinyMLPStack
 
 
@@ -51,9 +53,72 @@ def test_frozen_patterns_and_user_frozen_parameters_are_never_scheduled() -> Non
     assert "norm.bias" in names  # the final norm's name has no leading dot, so the pattern leaves it alone
 
 
-def test_a_single_frozen_pattern_may_be_a_string() -> None:
-    blocks = partition(TINY_MODELS["llama-lm-tied"](), frozen="model.embed_tokens.*")
-    assert blocks[0].unit_names == ("model.layers.0",)
+@pytest.mark.parametrize("key", list(PLAIN_MODELS))
+@pytest.mark.parametrize("layers_per_block", [1, 2])
+def test_plain_models_partition_every_trainable_parameter_once(key: str, layers_per_block: int) -> None:
+    build, units = PLAIN_MODELS[key]
+    model = build()
+    blocks = partition(model, layers_per_block)
+    scheduled = [id(param) for param in _scheduled(blocks)]
+    assert len(scheduled) == len(set(scheduled))
+    assert set(scheduled) == {id(param) for param in model.parameters() if param.requires_grad}
+    assert [name for block in blocks for name in block.unit_names] == units
+    assert all(len(block.unit_names) == layers_per_block for block in blocks[:-1])
+    # No block is only norms, BatchNorm or biases.
+    assert all(any(param.dim() >= 2 for param in block.params) for block in blocks)
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern", "tied_to"),
+    [
+        ("llama-lm-tied", "*lm_head*", "model.embed_tokens.weight"),
+        ("gpt2-lm", "lm_head.weight", "transformer.wte.weight"),
+    ],
+)
+def test_a_frozen_pattern_names_a_tied_weight_by_any_of_its_names(key: str, pattern: str, tied_to: str) -> None:
+    model = TINY_MODELS[key]()
+    blocks = partition(model, frozen=[pattern])
+    names = [name for block in blocks for name in block.names]
+    assert tied_to not in names
+    assert len(names) == len(dict(model.named_parameters())) - 1
+
+
+def test_a_frozen_pattern_names_a_plain_models_tied_head() -> None:
+    model = TiedHead()
+    blocks = partition(model, frozen=["head.weight"])
+    assert [block.unit_names for block in blocks] == [("mix",)]
+    assert all(param is not model.embed.weight for param in blocks[0].params)
+
+
+def test_frozen_none_freezes_nothing() -> None:
+    model = TinyMLPStack(num_layers=2)
+    assert len(_scheduled(partition(model, frozen=None))) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("frozen", "expected"), [(None, ()), ((), ()), (["a.*", "b"], ("a.*", "b")), (("a.*",), ("a.*",))]
+)
+def test_check_frozen_returns_the_patterns_as_a_tuple(frozen: Any, expected: tuple[str, ...]) -> None:
+    assert check_frozen(frozen) == expected
+
+
+@pytest.mark.parametrize(
+    ("frozen", "message"),
+    [
+        ("model.embed_tokens.*", r"single string; pass a list of patterns: frozen=\['model\.embed_tokens\.\*'\]"),
+        (123, r"frozen= must be a list of fnmatch patterns.*got 123 \(int\)"),
+        ({"embed.*"}, r"frozen= must be a list of fnmatch patterns.*\(set\)"),
+        ([123], r"frozen= lists 123 \(int\); every entry must be a pattern string"),
+        (["embed.*", None], r"frozen= lists None \(NoneType\)"),
+        ([0], r"frozen= lists 0 \(int\)"),
+    ],
+)
+@pytest.mark.parametrize("check", [check_frozen, lambda frozen: partition(TinyMLPStack(), frozen=frozen)])
+def test_frozen_of_a_wrong_type_raises_a_config_error_saying_what_to_pass(
+    frozen: object, message: str, check: Any
+) -> None:
+    with pytest.raises(HiFTConfigError, match=message):
+        check(frozen)
 
 
 def test_block_numel_and_description() -> None:

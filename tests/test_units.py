@@ -1,7 +1,9 @@
-"""find_units: the family table, the generic fallback, the ``layers=`` override and their errors."""
+"""find_units: the family table, the generic fallback, the last-resort cut, the ``layers=`` override and errors."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -9,7 +11,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.units import EMBEDDINGS, FAMILIES, OUTPUT, Unit, find_units
+from lightning_hift.units import EMBEDDINGS, FAMILIES, OUTPUT, Unit, check_layers_spec, find_units
+from tests.helpers.plain_models import PLAIN_MODELS
 from tests.helpers.tiny_models import TINY_MODELS, TinyMLPStack
 
 
@@ -29,6 +32,9 @@ class HFLightningModule(LightningModule):
 
 def _layer_count(model: nn.Module) -> int:
     config: Any = model.config
+    if config.model_type == "albert":
+        # Every depth applies one of the shared layer groups: a unit per group, not per depth.
+        return int(config.num_hidden_groups)
     decoder_layers = config.num_decoder_layers if config.model_type == "t5" and hasattr(model, "decoder") else 0
     return int(config.num_hidden_layers) + decoder_layers
 
@@ -196,10 +202,124 @@ def test_missing_path_error_lists_candidate_layer_lists() -> None:
         find_units(Wrapper(TinyMLPStack()), layers="decoder.layers")
 
 
-@pytest.mark.parametrize(
-    "model",
-    [nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.ModuleList([nn.ReLU(), nn.ReLU()])],
-)
-def test_model_without_repeated_layers_asks_for_the_layers_argument(model: nn.Module) -> None:
-    with pytest.raises(HiFTConfigError, match=r"no repeated layers.*layers="):
+def _fallback_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "lightning_hift" and record.levelno == logging.INFO and "no repeated layers" in record.msg
+    ]
+
+
+@pytest.mark.parametrize("key", list(PLAIN_MODELS))
+def test_last_resort_cuts_a_plain_model_by_module_in_registration_order(
+    key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    build, expected = PLAIN_MODELS[key]
+    model = build()
+    caplog.set_level(logging.INFO, logger="lightning_hift")
+    units = find_units(model)
+    assert _names(units) == expected
+    params = dict(model.named_parameters())
+    names = [name for unit in units for name in unit.param_names]
+    assert sorted(names) == sorted(params)
+    assert len(names) == len(set(names))
+    # No unit is a lone norm, BatchNorm or bias: each holds a matrix (or a convolution kernel).
+    assert all(any(params[name].dim() >= 2 for name in unit.param_names) for unit in units)
+    assert len(_fallback_lines(caplog)) == 1
+
+
+def test_last_resort_merges_a_norm_into_the_unit_before_it_and_a_leading_one_into_the_next() -> None:
+    cnn = find_units(PLAIN_MODELS["cnn-batchnorm"][0]())
+    assert _unit(cnn, "net.0").param_names == ("net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias")
+    norm_first = find_units(PLAIN_MODELS["norm-first"][0]())
+    assert _unit(norm_first, "net.1").param_names == ("net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias")
+
+
+def test_last_resort_merges_a_tiny_embedding_into_its_neighbour() -> None:
+    units = find_units(PLAIN_MODELS["tiny-token-types"][0]())
+    assert _unit(units, "words").param_names == ("words.weight", "token_types.weight")
+
+
+def test_last_resort_lists_a_shared_module_and_a_tied_weight_once() -> None:
+    shared = find_units(PLAIN_MODELS["shared-block"][0]())
+    assert not any("block_again" in name for unit in shared for name in unit.param_names)
+    tied = find_units(PLAIN_MODELS["tied-head"][0]())
+    assert _unit(tied, "embed").param_names == ("embed.weight",)
+    assert "head.weight" not in [name for unit in tied for name in unit.param_names]
+
+
+def test_last_resort_of_light_modules_only_is_one_unit() -> None:
+    units = find_units(nn.Sequential(nn.LayerNorm(4), nn.BatchNorm1d(4)))
+    assert units == [Unit("0", ("0.weight", "0.bias", "1.weight", "1.bias"))]
+
+
+def test_repeated_lists_without_parameters_are_not_layers() -> None:
+    model = Wrapper(nn.Linear(4, 4))
+    model.activations = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+    assert _names(find_units(model)) == ["model"]
+
+
+def test_fallback_log_line_names_the_model_the_unit_count_and_the_override(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lightning_hift")
+    find_units(PLAIN_MODELS["autoencoder"][0]())
+    [line] = _fallback_lines(caplog)
+    assert "LitAutoEncoder" in line
+    assert "4 units" in line
+    assert "layers='dotted.path'" in line
+    assert "callable" in line
+
+
+@pytest.mark.parametrize("key", ["llama-lm", "albert-seqcls"])
+def test_table_and_generic_cuts_log_no_fallback(key: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lightning_hift")
+    find_units(TINY_MODELS[key]())
+    find_units(TinyMLPStack())
+    assert _fallback_lines(caplog) == []
+
+
+@pytest.mark.parametrize("key", ["albert", "albert-seqcls"])
+def test_albert_shared_layer_group_is_one_unit_between_embeddings_and_output(key: str) -> None:
+    model = TINY_MODELS[key]()
+    prefix = "albert." if key == "albert-seqcls" else ""
+    units = find_units(model)
+    assert _names(units) == [EMBEDDINGS, f"{prefix}encoder.albert_layer_groups.0", OUTPUT]
+    assert f"{prefix}encoder.embedding_hidden_mapping_in.weight" in _unit(units, EMBEDDINGS).param_names
+    head = ("classifier.weight", "classifier.bias") if prefix else ()
+    assert _unit(units, OUTPUT).param_names == (f"{prefix}pooler.weight", f"{prefix}pooler.bias", *head)
+
+
+@pytest.mark.parametrize("model", [nn.ReLU(), nn.ModuleList([nn.ReLU(), nn.ReLU()]), nn.Sequential(nn.Flatten())])
+def test_model_without_parameters_is_refused(model: nn.Module) -> None:
+    with pytest.raises(HiFTConfigError, match=r"has no parameters.*register"):
         find_units(model)
+
+
+def _no_layers(model: nn.Module) -> list[nn.Module]:
+    return []
+
+
+@pytest.mark.parametrize("layers", [None, "model.layers", ["encoder.block", "decoder.block"], ("layers",), _no_layers])
+def test_check_layers_spec_accepts_paths_lists_and_callables(layers: Any) -> None:
+    check_layers_spec(layers)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (123, r"dotted path.*got 123 \(int\)"),
+        (1.5, r"dotted path.*got 1\.5 \(float\)"),
+        ({"model": "layers"}, r"dotted path.*\(dict\)"),
+        (["layers", 3], r"lists 3 \(int\).*dotted path string"),
+        ([0], r"lists 0 \(int\)"),
+        (["layers", None], r"lists None \(NoneType\)"),
+        ([], "non-empty list"),
+        (nn.ModuleList(), "dotted path"),
+    ],
+)
+@pytest.mark.parametrize("check", [check_layers_spec, lambda layers: find_units(TinyMLPStack(), layers)])
+def test_layers_of_a_wrong_type_raise_a_config_error_saying_what_to_pass(
+    layers: object, message: str, check: Callable[[Any], object]
+) -> None:
+    with pytest.raises(HiFTConfigError, match=message) as error:
+        check(layers)
+    assert "layers=" in str(error.value)

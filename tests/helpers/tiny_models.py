@@ -41,6 +41,9 @@ _OPT: dict[str, Any] = {
     "word_embed_proj_dim": 8,
 }
 
+# One layer group, applied at each of the three depths.
+_ALBERT: dict[str, Any] = {**_ENCODER, "embedding_size": 8, "num_hidden_layers": 3}
+
 
 class TinyMLPBlock(nn.Module):
     """A pre-norm residual MLP: the repeated layer of :class:`TinyMLPStack`."""
@@ -110,5 +113,7 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "opt-lm": lambda: hf.OPTForCausalLM(hf.OPTConfig(**_OPT)),
     "t5": lambda: hf.T5ForConditionalGeneration(hf.T5Config(**_T5, num_heads=2)),
     "t5-encoder": lambda: hf.T5EncoderModel(hf.T5Config(**_T5, num_heads=2)),
+    "albert": lambda: hf.AlbertModel(hf.AlbertConfig(**_ALBERT)),
+    "albert-seqcls": lambda: hf.AlbertForSequenceClassification(hf.AlbertConfig(**_ALBERT)),
 }
 """Builders of tiny random-init Hugging Face models, base and task-head variants, keyed by a short name."""
