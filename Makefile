@@ -33,5 +33,10 @@ lint: install
 	$(BIN)/ruff format --check lightning_hift tests experiments
 	$(BIN)/mypy
 
+# The core tests drive a Trainer; they run again on the older `pytorch_lightning` package (tests/helpers/lightning.py).
+CORE_TESTS := tests/test_strategy.py tests/test_resume.py tests/test_precision.py tests/test_faults.py \
+	tests/test_bad_input.py tests/test_memory.py tests/test_features.py tests/test_drop_in.py
+
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
+	HF_HUB_OFFLINE=1 HIFT_TEST_LIGHTNING=pytorch_lightning $(BIN)/pytest -m "not slow" $(CORE_TESTS) $(ARGS)

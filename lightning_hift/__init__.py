@@ -1,30 +1,43 @@
 """HiFT for PyTorch Lightning: full-parameter fine-tuning that trains one block of layers per optimizer step.
 
 Importing the package registers the strategy names "hift", "hift_top2down", "hift_random" (one device) and
-"hift_ddp", "hift_ddp_spawn", "hift_ddp_fork" (many processes) with Lightning, so ``Trainer(strategy="hift")``
-works after ``import lightning_hift``.
+"hift_ddp", "hift_ddp_spawn", "hift_ddp_fork" (many processes) with ``lightning.pytorch`` and, when it is
+installed, with ``pytorch_lightning``, so ``Trainer(strategy="hift")`` works after ``import lightning_hift``
+with either package. The classes exported here are ``lightning.pytorch``'s; ``pytorch_lightning``'s are in
+:mod:`lightning_hift.pytorch_lightning`.
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+import importlib.util
+import logging
 
 from lightning_hift.blocks import Block, partition
-from lightning_hift.callback import HiFTCallback
-from lightning_hift.ddp import HiFTDDPStrategy
+from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.strategy import HiFTStrategy, HiFTStrategyBase
+from lightning_hift.memory import estimate_memory
+from lightning_hift.pytorch import HiFTCallback, HiFTDDPStrategy, HiFTStrategy
+from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.units import Unit, find_units
 
-HiFTStrategy.register_strategies(StrategyRegistry)
-HiFTDDPStrategy.register_strategies(StrategyRegistry)
+if importlib.util.find_spec("pytorch_lightning") is not None:
+    import lightning_hift.pytorch_lightning  # noqa: F401  (registers the names with pytorch_lightning's Trainer)
+
+# The one-line notes (which units a model was cut into, say) reach the console as Lightning's own do.
+_log = logging.getLogger(__name__)
+if not _log.handlers and not logging.getLogger().handlers:
+    _log.setLevel(logging.INFO)
+    _log.addHandler(logging.StreamHandler())
+    _log.propagate = False
 
 __all__ = [
     "Block",
     "HiFTCallback",
+    "HiFTCallbackBase",
     "HiFTConfigError",
     "HiFTDDPStrategy",
     "HiFTStrategy",
     "HiFTStrategyBase",
     "Unit",
+    "estimate_memory",
     "find_units",
     "partition",
 ]

@@ -1,26 +1,32 @@
 """HiFTCallback: when to switch blocks, when the learning rate moves, and the schedule's resumable state.
 
-:class:`~lightning_hift.strategy.HiFTStrategy` adds one when the Trainer has none, so users only need it to
-subclass or to place it themselves.
+A HiFT strategy adds one when the Trainer has none, so users only need it to subclass or to place it themselves.
+:class:`HiFTCallbackBase` is the implementation; ``lightning_hift.HiFTCallback`` (for ``lightning.pytorch``) and
+``lightning_hift.pytorch_lightning.HiFTCallback`` bind it to each Lightning package's ``Callback``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from typing_extensions import override
 
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.lr import DelayedLR
 from lightning_hift.memory import snapshot
 from lightning_hift.orders import BlockOrder, make_order
+from lightning_hift.packages import lightning_classes
 from lightning_hift.precision import MasterWeights
 from lightning_hift.strategy import HiFTStrategyBase
 
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback as _Callback
+else:
+    _Callback = object
 
-class HiFTCallback(Callback):
+
+class HiFTCallbackBase(_Callback):
     """Switches the active block every ``switch_every`` optimizer steps and applies the delayed LR update.
 
     Switches happen in ``on_train_batch_end`` right after an optimizer step, never between the micro-batches
@@ -53,7 +59,8 @@ class HiFTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._strategy(trainer)
-        fighting = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]  # type: ignore[attr-defined]
+        finetuning = lightning_classes("callbacks.BaseFinetuning")
+        fighting = [type(c).__name__ for c in trainer.callbacks if isinstance(c, finetuning)]  # type: ignore[attr-defined]
         if fighting:
             raise HiFTConfigError(
                 f"{', '.join(fighting)} changes requires_grad between epochs, and HiFT sets it every step: the two"
@@ -66,10 +73,14 @@ class HiFTCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self._strategy(trainer)
+        tuning = strategy.running_a_tuner()
         self.order = make_order(strategy.order, len(strategy.blocks), strategy.seed)
-        self.delayed_lr = DelayedLR(strategy.lr_update)
+        # A tuner's trials follow the tuner's own schedule (lr_find's range test moves the rate every step).
+        self.delayed_lr = DelayedLR("step" if tuning else strategy.lr_update)
         self._masters = strategy.masters
-        if self._loaded is not None:
+        if not tuning:
+            strategy.end_tuning()
+        if self._loaded is not None and not tuning:
             self.steps = int(self._loaded["steps"])
             self.order.load_state_dict(self._loaded["order"])
             self.delayed_lr.load_state_dict(self._loaded["lr"])
@@ -109,7 +120,15 @@ class HiFTCallback(Callback):
             self.delayed_lr.detach()
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A failed fit must still hand the schedulers back to Lightning as they were configured.
+        if self.delayed_lr is not None:
+            self.delayed_lr.detach()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
+        if self._loaded is not None:  # loaded, not applied yet: a tuner saves the state before the fit starts
+            return dict(self._loaded)
         if self.order is None or self.delayed_lr is None:
             return {}
         state = {"steps": self.steps, "order": self.order.state_dict(), "lr": self.delayed_lr.state_dict()}

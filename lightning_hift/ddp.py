@@ -17,33 +17,44 @@ DDP, which exchanges every gradient every step.
   same weights and optimizer state, rank 0 saves the whole checkpoint, and it resumes on any number of processes,
   or on one with ``strategy="hift"``.
 
-The parameters that receive a gradient must be the same on every process (as with DDP's default
-``find_unused_parameters=False``); a parameter of the active block without one contributes zeros to the average.
+A parameter of the active block that received no gradient on some process (a branch taken on one process only,
+LayerDrop) counts as zeros there, as with DDP's ``find_unused_parameters=True``, and a warning says so; one that
+received none on any process keeps no gradient, so the optimizer leaves it alone, and a block without any
+gradient anywhere is skipped on every process alike.
 Buffers are not synchronised after setup (no ``broadcast_buffers``), so running statistics such as BatchNorm's
 stay per process; ``sync_batchnorm`` is refused.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
+from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
+from lightning_hift import lr
 from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.strategy import HiFTStrategyBase
+from lightning_hift.optim_state import OptimizerStateMode
+from lightning_hift.orders import OrderName
+from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.units import LayersSpec
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.pytorch.accelerators import Accelerator
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
+else:
+    _DDPStrategy = object
 
 
 def split_into_buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
@@ -67,9 +78,12 @@ class GradientAverager:
 
     Buckets follow the parameters in reverse order, roughly the order in which backward produces their gradients.
     While :attr:`listening`, a hook on each parameter notes its gradient as ready, and a bucket's all-reduce starts
-    once all its gradients are ready and the bucket before it has started. :meth:`finish` starts the rest (a
-    missing gradient counts as zeros), waits, and gives every parameter its averaged gradient, a view into the
-    bucket.
+    once all its gradients are ready and the bucket before it has started. :meth:`finish` starts the rest, waits,
+    and gives every parameter its averaged gradient, a view into the bucket.
+
+    Each bucket carries one extra element per parameter, 1 where this process has a gradient for it: after the
+    all-reduce it counts the processes that had one. A missing gradient counts as zeros in the average, and a
+    parameter that no process gave a gradient keeps none.
 
     Args:
         params: the block's parameters.
@@ -85,6 +99,8 @@ class GradientAverager:
         self.listening = False
         self.bytes_last_step = 0
         self.collectives_total = 0
+        self.missing_here = False
+        """Whether this process lacked a gradient that another process had, at the last :meth:`finish`."""
         self._missing: list[int] = []
         self._launched: list[tuple[Any, Tensor]] = []
         self._reset()
@@ -103,7 +119,9 @@ class GradientAverager:
 
     def _launch(self) -> None:
         bucket = self.buckets[len(self._launched)]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        has_grad = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
+        flat = torch.cat([*grads, has_grad])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._launched.append((work, flat))
         self.collectives_total += 1
@@ -113,11 +131,13 @@ class GradientAverager:
         while len(self._launched) < len(self.buckets):
             self._launch()
         self.bytes_last_step = sum(flat.nbytes for _, flat in self._launched)
+        self.missing_here = False
         for (work, flat), bucket in zip(self._launched, self.buckets, strict=True):
             work.wait()
-            flat.div_(self.world_size)
-            for p, grad in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
-                p.grad = grad.view_as(p)
+            *grads, counts = flat.split([*(p.numel() for p in bucket), len(bucket)])
+            for p, grad, count in zip(bucket, grads, counts.tolist(), strict=True):
+                self.missing_here |= p.grad is None and count > 0
+                p.grad = grad.div_(self.world_size).view_as(p) if count > 0 else None
         self._reset()
 
     def close(self) -> None:
@@ -127,16 +147,15 @@ class GradientAverager:
         self._hooks = []
 
 
-class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
+class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
     """HiFT on several devices or machines: Lightning's DDP processes, without the DDP wrapper.
 
     Use it like ``strategy="ddp"``: ``Trainer(strategy="hift_ddp", devices=8, num_nodes=2)``, launched by Lightning,
     torchrun or SLURM. Each process trains the same block on its share of the batch; only that block's gradients
-    are averaged.
+    are averaged. The HiFT arguments are those of :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process
+    must get the same values.
 
     Args:
-        hift: the HiFT arguments (``layers_per_block``, ``order``, ...) of
-            :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values.
         bucket_cap_mb: the largest all-reduce bucket, in MiB (DDP's default is 25).
         start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what
             torchrun and SLURM use), ``"spawn"`` or ``"fork"``.
@@ -148,22 +167,38 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
 
     def __init__(
         self,
-        *hift_args: Any,
+        layers_per_block: int = 1,
+        order: OrderName = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: OptimizerStateMode = "offload",
+        lr_update: lr.LRUpdate = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] | None = (),
+        on_nonfinite: OnNonfinite = "skip",
+        *,
         bucket_cap_mb: float = 25.0,
-        start_method: str = "popen",
-        accelerator: pl.accelerators.Accelerator | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
-        **hift: Any,
     ) -> None:
-        if not bucket_cap_mb > 0:
-            raise HiFTConfigError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise HiFTConfigError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}.")
         super().__init__(
-            *hift_args,
+            layers_per_block=layers_per_block,
+            order=order,
+            seed=seed,
+            switch_every=switch_every,
+            optimizer_state=optimizer_state,
+            lr_update=lr_update,
+            layers=layers,
+            frozen=frozen,
+            on_nonfinite=on_nonfinite,
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
@@ -172,12 +207,12 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
-            **hift,
         )
         self.bucket_bytes = int(bucket_cap_mb * 2**20)
         self.averager: GradientAverager | None = None
         self.bytes_reduced = 0
         self._sync_blocked = False
+        self._warned_missing_here = False
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -251,16 +286,17 @@ class HiFTDDPStrategy(HiFTStrategyBase, DDPStrategy):
         assert self.averager is not None
         self.averager.finish()
         self.bytes_reduced += self.averager.bytes_last_step
+        if self.averager.missing_here and not self._warned_missing_here:
+            self._warned_missing_here = True
+            warnings.warn(
+                f"HiFT: process {self.global_rank} received no gradient for parameters of block {block.index} that"
+                " other processes did (a branch taken on some processes only?); they count as zeros in the average,"
+                " as with DDP's find_unused_parameters=True.",
+                stacklevel=2,
+            )
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: Any) -> None:
         presets = {"hift_ddp": "popen", "hift_ddp_spawn": "spawn", "hift_ddp_fork": "fork"}
-        for name, start_method in presets.items():
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"{cls.__name__} with start_method={start_method!r}",
-                override=True,
-                start_method=start_method,
-            )
+        cls._register_presets(strategy_registry, {name: {"start_method": method} for name, method in presets.items()})

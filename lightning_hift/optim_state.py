@@ -34,7 +34,7 @@ MODES: tuple[str, ...] = ("offload", "reset", "keep")
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise HiFTConfigError(f"Unknown optimizer_state={mode!r}. Choose one of {list(MODES)}.")
 
 

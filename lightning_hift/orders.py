@@ -17,9 +17,11 @@ is exact.
 from __future__ import annotations
 
 import random
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from lightning_hift.errors import HiFTConfigError
+
+OrderName = Literal["bottom2up", "top2down", "random"]
 
 
 class BlockOrder:
@@ -31,6 +33,8 @@ class BlockOrder:
     """
 
     name: ClassVar[str]
+    uses_seed: ClassVar[bool] = False
+    """Whether the seed changes the sequence (only then must a resumed run keep it)."""
 
     def __init__(self, num_blocks: int, seed: int = 0) -> None:
         if num_blocks < 1:
@@ -71,8 +75,9 @@ class BlockOrder:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; refuses a state saved for another order, block count or seed."""
-        saved = {key: state.get(key) for key in ("name", "num_blocks", "seed")}
-        mine = {"name": self.name, "num_blocks": self.num_blocks, "seed": self.seed}
+        keys = ("name", "num_blocks", "seed") if self.uses_seed else ("name", "num_blocks")
+        saved = {key: state.get(key) for key in keys}
+        mine = {key: getattr(self, key) for key in keys}
         if saved != mine:
             raise HiFTConfigError(
                 f"The checkpoint's block order {saved} does not match this run's {mine}. Resume with the same"
@@ -103,6 +108,7 @@ class RandomOrder(BlockOrder):
     """A new seeded permutation of the blocks every cycle."""
 
     name = "random"
+    uses_seed = True
 
     def cycle_order(self, cycle: int) -> list[int]:
         # A string seed is hashed with SHA-512 by `random`, so each (seed, cycle) gets its own stream that is the
@@ -121,5 +127,5 @@ def make_order(name: str, num_blocks: int, seed: int = 0) -> BlockOrder:
 
 
 def check_order_name(name: str) -> None:
-    if name not in ORDERS:
+    if not isinstance(name, str) or name not in ORDERS:
         raise HiFTConfigError(f"Unknown order={name!r}. Choose one of {sorted(ORDERS)}.")

@@ -120,7 +120,10 @@ class MasterWeights:
         for p, master in zip(block.params, self.masters(block), strict=True):
             if p.grad is not None:
                 master.grad = p.grad.float().mul_(unscale) if unscale != 1.0 else p.grad.float()
-                p.grad = None
+                # The half gradient stays until the step is done, unscaled, for the hooks that read the module's
+                # gradients before the step (on_before_optimizer_step, Lightning's grad_norm).
+                if unscale != 1.0:
+                    p.grad.mul_(unscale)
                 received = True
         if self.scaler is None:
             return received
@@ -128,15 +131,16 @@ class MasterWeights:
         self.scaler.update(overflow)
         if overflow:
             self.skipped_steps += 1
-            for master in self.masters(block):
-                master.grad = None
+            for p, master in zip(block.params, self.masters(block), strict=True):
+                p.grad = master.grad = None
         return received and not overflow
 
     def masters_to_weights(self, block: Block) -> None:
+        """Copy the block's stepped masters into its half weights, and drop the step's gradients."""
         with torch.no_grad():
             for p, master in zip(block.params, self.masters(block), strict=True):
                 p.copy_(master)
-                master.grad = None
+                p.grad = master.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         self.transfer.synchronize()

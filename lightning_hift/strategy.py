@@ -1,44 +1,58 @@
-"""HiFTStrategy: full-parameter fine-tuning that trains one block of layers per optimizer step.
+"""The HiFT mechanism: full-parameter fine-tuning that trains one block of layers per optimizer step.
 
 The strategy is the mechanism: it cuts the model into blocks when fitting starts, makes exactly one block
 trainable at a time, and keeps every other block's optimizer state where ``optimizer_state`` says.
-:class:`~lightning_hift.callback.HiFTCallback` decides when to switch, the way Lightning pairs a strategy with
-a callback. The user's LightningModule, optimizer and schedulers are used as they are.
+:class:`~lightning_hift.callback.HiFTCallbackBase` decides when to switch, the way Lightning pairs a strategy
+with a callback. The user's LightningModule, optimizer and schedulers are used as they are.
+
+The classes here are mixins that name no Lightning class at run time, so that one implementation serves both
+Lightning packages: :mod:`lightning_hift.pytorch` puts them in front of ``lightning.pytorch``'s strategies and
+:mod:`lightning_hift.pytorch_lightning` in front of ``pytorch_lightning``'s.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.types import _DEVICE
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hift import lr, optim_state, orders
-from lightning_hift.blocks import Block, partition
+from lightning_hift.blocks import Block, check_frozen, partition
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import OptimizerStatePlacement
+from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement
+from lightning_hift.orders import OrderName
+from lightning_hift.packages import lightning_classes
 from lightning_hift.precision import LossScaler, MasterWeights, all_finite
 from lightning_hift.transfer import Transfer
-from lightning_hift.units import LayersSpec
+from lightning_hift.units import LayersSpec, check_layers_spec
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.fabric.utilities.types import _DEVICE
+    from lightning.pytorch.accelerators import Accelerator
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import SingleDeviceStrategy as _SingleDeviceStrategy
+    from lightning.pytorch.strategies import Strategy as _Strategy
+
+    from lightning_hift.callback import HiFTCallbackBase
+else:
+    _Strategy = _SingleDeviceStrategy = object
+
+OnNonfinite = Literal["skip", "stop"]
 
 
-class HiFTStrategyBase(Strategy):
-    """The HiFT mechanism, shared by :class:`HiFTStrategy` (one device) and ``HiFTDDPStrategy`` (many processes).
+class HiFTStrategyBase(_Strategy):
+    """The HiFT mechanism, shared by the one-device and the many-process strategies of both Lightning packages.
 
-    Concrete strategies put this class before a Lightning strategy in their bases, and that strategy provides the
-    devices, processes and collectives; ``strategy_kwargs`` go to it.
+    Concrete strategies put this class before a Lightning strategy in their bases; that strategy provides the
+    devices, processes and collectives, and ``strategy_kwargs`` go to it.
 
     Args:
         layers_per_block: units (embeddings, one layer, or the output end) per block.
@@ -57,17 +71,20 @@ class HiFTStrategyBase(Strategy):
             an error. Either way no non-finite value reaches the weights or the optimizer state.
     """
 
+    callback_class: ClassVar[type[HiFTCallbackBase]]
+    """The HiFT callback of the strategy's Lightning package, added to the Trainer when it has none."""
+
     def __init__(
         self,
         layers_per_block: int = 1,
-        order: str = "bottom2up",
+        order: OrderName = "bottom2up",
         seed: int = 0,
         switch_every: int = 1,
-        optimizer_state: str = "offload",
-        lr_update: str = "cycle",
+        optimizer_state: OptimizerStateMode = "offload",
+        lr_update: lr.LRUpdate = "cycle",
         layers: LayersSpec = None,
-        frozen: Sequence[str] = (),
-        on_nonfinite: str = "skip",
+        frozen: Sequence[str] | None = (),
+        on_nonfinite: OnNonfinite = "skip",
         **strategy_kwargs: Any,
     ) -> None:
         _check_positive_int("layers_per_block", layers_per_block)
@@ -75,10 +92,11 @@ class HiFTStrategyBase(Strategy):
         orders.check_order_name(order)
         optim_state.check_mode(optimizer_state)
         lr.check_mode(lr_update)
+        check_layers_spec(layers)
         if on_nonfinite not in ("skip", "stop"):
             raise HiFTConfigError(f"Unknown on_nonfinite={on_nonfinite!r}. Choose 'skip' or 'stop'.")
-        if isinstance(frozen, str):
-            raise HiFTConfigError(f"frozen={frozen!r} must be a list of patterns, e.g. frozen=[{frozen!r}].")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise HiFTConfigError(f"seed must be a whole number, got seed={seed!r}.")
         super().__init__(**strategy_kwargs)
         self.layers_per_block = layers_per_block
         self.order = order
@@ -87,7 +105,7 @@ class HiFTStrategyBase(Strategy):
         self.optimizer_state_mode = optimizer_state
         self.lr_update = lr_update
         self.layers = layers
-        self.frozen = tuple(frozen)
+        self.frozen = check_frozen(frozen)
         self.on_nonfinite = on_nonfinite
         self.skipped_nonfinite = 0
         self.blocks: list[Block] = []
@@ -96,6 +114,9 @@ class HiFTStrategyBase(Strategy):
         self.masters: MasterWeights | None = None
         self._unfrozen_at_start: list[Tensor] = []
         self._warned_no_grad: set[int] = set()
+        self.callback: HiFTCallbackBase | None = None
+        self._fit_callbacks: list[Any] | None = None
+        self._masters_before_tuner: dict[str, Any] | None = None
 
     @override
     def setup_environment(self) -> None:
@@ -103,12 +124,43 @@ class HiFTStrategyBase(Strategy):
         self._attach_callback()
 
     def _attach_callback(self) -> None:
-        from lightning_hift.callback import HiFTCallback
-
         assert self.lightning_module is not None
-        callbacks: list[Callback] = self.lightning_module.trainer.callbacks  # type: ignore[attr-defined]
-        if not any(isinstance(callback, HiFTCallback) for callback in callbacks):
-            callbacks.insert(0, HiFTCallback())
+        callbacks = self.lightning_module.trainer.callbacks  # type: ignore[attr-defined]
+        mine = [callback for callback in callbacks if isinstance(callback, type(self).callback_class)]
+        self.callback = mine[0] if mine else type(self).callback_class()
+        if not mine:
+            callbacks.insert(0, self.callback)
+        self._fit_callbacks = callbacks
+
+    def running_a_tuner(self) -> bool:
+        """Whether a tuner (``Tuner.lr_find``, ``BatchSizeFinder``) is running its trial steps inside this fit.
+
+        Tuners give the Trainer a list of their own callbacks for their trials and hand the fit's list back after.
+        """
+        assert self.lightning_module is not None
+        return self.lightning_module.trainer.callbacks is not self._fit_callbacks  # type: ignore[attr-defined]
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        module = self.lightning_module
+        assert module is not None and self.callback is not None
+        callbacks = module.trainer.callbacks  # type: ignore[attr-defined]
+        if self.running_a_tuner() and self.callback not in callbacks:
+            # Bring HiFT along into the tuner's trials, so that they train (and take memory) block by block as the
+            # fit will: an lr_find over full fine-tuning would suggest a rate for full fine-tuning. Appended, as
+            # lr_find reads its results from the first callback.
+            callbacks.append(self.callback)
+            if self.masters is not None and self._masters_before_tuner is None:
+                # Lightning restores the weights and optimizer state after the trials, but the masters are HiFT's.
+                self._masters_before_tuner = copy.deepcopy(self.masters.state_dict())
+            self.callback.on_train_start(module.trainer, module)
+
+    def end_tuning(self) -> None:
+        """Put back what a tuner's trials changed and Lightning does not restore (the fp32 masters)."""
+        if self.masters is not None and self._masters_before_tuner is not None:
+            self.masters.load_state_dict(self._masters_before_tuner)
+        self._masters_before_tuner = None
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -119,11 +171,14 @@ class HiFTStrategyBase(Strategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._sync_model_states()
-        fitting = trainer.state.fn == TrainerFn.FITTING
+        fitting = trainer.state.fn == "fit"
         if fitting:
             self._check_automatic_optimization()
             self.setup_optimizers(trainer)
+            _check_optimizer(self.optimizers)
             self._setup_blocks()
+            self.skipped_nonfinite = 0
+            self._warned_no_grad = set()
         self.setup_precision_plugin()
         if fitting:
             transfer = Transfer(self.root_device)
@@ -142,9 +197,9 @@ class HiFTStrategyBase(Strategy):
 
     def _make_masters(self, transfer: Transfer) -> MasterWeights | None:
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
-        if not isinstance(self.precision_plugin, HalfPrecision):
+        if not isinstance(self.precision_plugin, lightning_classes("plugins.precision.HalfPrecision")):
             return None
-        fp16 = self.precision_plugin._desired_input_dtype == torch.float16
+        fp16 = self.precision_plugin._desired_input_dtype == torch.float16  # type: ignore[attr-defined]
         scaler = LossScaler() if fp16 else None
         return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer)
 
@@ -153,8 +208,8 @@ class HiFTStrategyBase(Strategy):
         assert module is not None
         if not module.automatic_optimization:
             raise HiFTConfigError(
-                "strategy='hift' needs automatic optimization: it switches blocks between optimizer steps that"
-                " Lightning runs. Remove `self.automatic_optimization = False` from your LightningModule."
+                "HiFT needs automatic optimization: it switches blocks between optimizer steps that Lightning"
+                " runs. Remove `self.automatic_optimization = False` from your LightningModule."
             )
 
     def _setup_blocks(self) -> None:
@@ -172,6 +227,7 @@ class HiFTStrategyBase(Strategy):
         Called when training starts rather than at setup, so that Lightning's model summary still shows the
         model's own trainable parameters.
         """
+        self.deactivate()  # a tuner's trials may have left a block active
         for p in self._unfrozen_at_start:
             p.requires_grad_(False)
 
@@ -237,36 +293,45 @@ class HiFTStrategyBase(Strategy):
         if self.active_block is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         block = self.blocks[self.active_block]
-
-        def closure_then_check_grads() -> Any:
-            # A None result makes the precision plugin skip the update, GradScaler included (it raises on an
-            # optimizer without gradients); torch optimizers leave parameters without gradients alone anyway.
-            loss = closure()
-            if all(p.grad is None for p in block.params):
-                self._warn_no_grad(block)
-                return None
-            self._reduce_grads(block)
-            grads = [p.grad for p in block.params if p.grad is not None]
-            if self._checks_nonfinite() and not all_finite(grads):
-                self._on_nonfinite(block)
-                for p in block.params:
-                    p.grad = None
-                return None
-            if self.masters is not None and not self.masters.grads_to_masters(block):
-                return None
-            return loss
-
-        output = super().optimizer_step(optimizer, closure_then_check_grads, model, **kwargs)
+        # The closure (forward and backward) runs here, ahead of the precision plugin, so that a step with nothing
+        # to apply is skipped whole: no clipping of an empty gradient list, no GradScaler step without gradients.
+        loss = closure()
+        if not self._grads_ready(block, lightning_skipped=loss is None):
+            return None
+        output = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
 
+    def _grads_ready(self, block: Block, lightning_skipped: bool) -> bool:
+        """Prepare the block's gradients for its update; False when the step must be skipped."""
+        self._reduce_grads(block)  # every process takes part, whether or not it received gradients itself
+        if all(p.grad is None for p in block.params):
+            if not lightning_skipped:  # a training_step that returns None is Lightning's own way to skip
+                self._warn_no_grad(block)
+            return False
+        grads = [p.grad for p in block.params if p.grad is not None]
+        if self._checks_nonfinite() and not all_finite(grads):
+            self._on_nonfinite(block)
+            self._drop_grads(block)
+            return False
+        return self.masters is None or self.masters.grads_to_masters(block)
+
     def _reduce_grads(self, block: Block) -> None:
-        """Combine the block's gradients across processes before the step; one process has nothing to do."""
+        """Combine the block's gradients across processes before the step; one process has nothing to do.
+
+        Afterwards a parameter has a gradient if any process gave it one.
+        """
+
+    @staticmethod
+    def _drop_grads(block: Block) -> None:
+        for p in block.params:
+            p.grad = None
 
     def _checks_nonfinite(self) -> bool:
         # With loss scaling, an overflow is routine: the scaler skips the step and lowers the scale itself.
-        amp_scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
+        mixed = isinstance(self.precision_plugin, lightning_classes("plugins.precision.MixedPrecision"))
+        amp_scaler = mixed and getattr(self.precision_plugin, "scaler", None) is not None
         return not amp_scaler and (self.masters is None or self.masters.scaler is None)
 
     def _on_nonfinite(self, block: Block) -> None:
@@ -321,36 +386,56 @@ class HiFTStrategyBase(Strategy):
         self._unfrozen_at_start = []
         super().teardown()
 
+    @classmethod
+    def _register_presets(cls, registry: Any, presets: Mapping[str, Mapping[str, Any]]) -> None:
+        for name, params in presets.items():
+            settings = ", ".join(f"{key}={value!r}" for key, value in params.items())
+            registry.register(name, cls, description=f"{cls.__name__}({settings})", override=True, **params)
 
-class HiFTStrategy(HiFTStrategyBase, SingleDeviceStrategy):
+
+class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
     """Train every parameter, one block of ``layers_per_block`` units per optimizer step, on one device.
 
+    The HiFT arguments are those of :class:`HiFTStrategyBase`; the rest are as for Lightning's
+    ``SingleDeviceStrategy``.
+
     Args:
-        hift: the HiFT arguments (``layers_per_block``, ``order``, ``seed``, ``switch_every``,
-            ``optimizer_state``, ``lr_update``, ``layers``, ``frozen``, ``on_nonfinite``): see
-            :class:`HiFTStrategyBase`.
         device: the compute device; by default the one the Trainer's accelerator gives.
-        accelerator, checkpoint_io, precision_plugin: as for Lightning's ``SingleDeviceStrategy``.
     """
 
     strategy_name = "hift"
 
     def __init__(
         self,
-        *hift_args: Any,
+        layers_per_block: int = 1,
+        order: OrderName = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: OptimizerStateMode = "offload",
+        lr_update: lr.LRUpdate = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] | None = (),
+        on_nonfinite: OnNonfinite = "skip",
+        *,
         device: _DEVICE | None = None,
-        accelerator: pl.accelerators.Accelerator | None = None,
+        accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
-        **hift: Any,
     ) -> None:
         super().__init__(
-            *hift_args,
+            layers_per_block=layers_per_block,
+            order=order,
+            seed=seed,
+            switch_every=switch_every,
+            optimizer_state=optimizer_state,
+            lr_update=lr_update,
+            layers=layers,
+            frozen=frozen,
+            on_nonfinite=on_nonfinite,
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
-            **hift,
         )
         self._device_given = device is not None
         # Set by the Trainer's accelerator connector to the devices the accelerator offers.
@@ -374,15 +459,28 @@ class HiFTStrategy(HiFTStrategyBase, SingleDeviceStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: Any) -> None:
         presets = {"hift": {}, "hift_top2down": {"order": "top2down"}, "hift_random": {"order": "random"}}
-        for name, params in presets.items():
-            strategy_registry.register(name, cls, description=f"{cls.__name__} {params or ''}", override=True, **params)
+        cls._register_presets(strategy_registry, presets)
 
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise HiFTConfigError(f"{name} must be a whole number >= 1, got {name}={value!r}.")
+
+
+def _check_optimizer(optimizers: Sequence[Optimizer]) -> None:
+    # What HiFT needs of an optimizer: that it reads its parameters from param_groups at every step and leaves
+    # parameters whose grad is None alone. LBFGS does neither (it keeps its own flat parameter list and applies
+    # one direction, built from earlier steps, to all of them), so frozen blocks would move.
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise HiFTConfigError(
+                "HiFT cannot train with LBFGS: it moves every parameter along one direction built from earlier"
+                " steps, frozen blocks included, and keeps its own parameter list. HiFT needs an optimizer that"
+                " skips parameters whose grad is None and reads its parameters from param_groups at every step"
+                " (SGD, Adam, AdamW, Adagrad, RMSprop, Adafactor, ...). Use one of those, or strategy='auto'."
+            )
 
 
 def _only_optimized(blocks: list[Block], optimizer: Optimizer) -> list[Block]:

@@ -14,12 +14,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
 from omegaconf.errors import MissingMandatoryValue
 
-from lightning_hift import HiFTCallback, HiFTConfigError, HiFTStrategy
+from lightning_hift import HiFTConfigError
 from lightning_hift.tasks import TextFileDataModule, TweetSentimentDataModule
+from tests.helpers.lightning import BackboneFinetuning, HiFTCallback, HiFTStrategy, ModelCheckpoint, Trainer
 from tests.helpers.modules import TinyModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -131,7 +130,6 @@ CASES: dict[str, Case] = {
         HiFTConfigError,
         "layers",
     ),
-    "no repeated layers": (lambda _: fit_fails(NoRepeatedLayers), HiFTConfigError, "layers="),
     "nothing trainable": (lambda _: fit_fails(all_frozen), HiFTConfigError, "requires grad"),
     "frozen matches nothing": (
         lambda _: fit_fails(strategy=HiFTStrategy(frozen=["net.embeddings.*"])),

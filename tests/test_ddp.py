@@ -11,17 +11,18 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_hift import HiFTConfigError, HiFTDDPStrategy, HiFTStrategy
+from lightning_hift import HiFTConfigError
 from lightning_hift.ddp import GradientAverager, split_into_buckets
 from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, load_reports
+from tests.helpers.lightning import HiFTDDPStrategy, HiFTStrategy, ModelCheckpoint
 from tests.helpers.modules import quiet_trainer
 from tests.helpers.tiny_models import TINY_MODELS
 from tests.helpers.tokenizers import word_tokenizer
@@ -36,10 +37,16 @@ def fit_two_processes(
 ) -> list[dict[str, Any]]:
     accumulate = hift.pop("accumulate", 1)
     precision = hift.pop("precision", "32-true")
+    skip_layers_at = hift.pop("skip_layers_at", None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = ShardedTinyModule(
-        lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD, skew_by_rank=True
+        lr=1e-2,
+        schedule=(2, 12),
+        samples=SAMPLES,
+        batch_size=GLOBAL_BATCH // WORLD,
+        skew_by_rank=True,
+        skip_layers_at=skip_layers_at,
     )
     callbacks: list[Any] = [RankReport(out)]
     if checkpoint_dir is not None:
@@ -133,6 +140,18 @@ def test_half_precision_weights_average_half_precision_grads_and_step_fp32_maste
     assert all(not torch.equal(start[n], p) for n, p in reports[0]["params"].items())  # every block was stepped
 
 
+def test_a_block_without_gradient_on_some_processes_is_averaged_with_zeros_or_skipped_by_all(tmp_path: Path) -> None:
+    # Step 2 trains net.layers.1, which process 1 bypasses then; step 4 trains net.layers.3, bypassed by both. Before
+    # the processes agreed, process 0 waited in all-reduce for process 1 until the timeout.
+    reports = fit_two_processes(tmp_path, 6, skip_layers_at={0: {4}, 1: {2, 4}}, timeout=timedelta(seconds=60))
+    assert_same(reports[0]["params"], reports[1]["params"], exact=True)
+    torch.manual_seed(0)  # the weights fit_two_processes starts from (process 0's, broadcast)
+    start = dict(ShardedTinyModule().named_parameters())
+    params = reports[0]["params"]
+    assert all(torch.equal(start[n], p) for n, p in params.items() if n.startswith("net.layers.3."))
+    assert all(not torch.equal(start[n], p) for n, p in params.items() if n.startswith("net.layers.1."))
+
+
 def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Path) -> None:
     # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
     hift = {"layers_per_block": 2, "switch_every": 4}
@@ -211,13 +230,13 @@ def test_buckets_start_during_backward_only_when_listening(one_process_group: No
     sum((p * 2).sum() for p in params).backward()
     assert averager.collectives_total == 2  # both buckets started inside backward
     averager.finish()
-    assert averager.bytes_last_step == 4 * 8 * 4
+    assert averager.bytes_last_step == 4 * 8 * 4 + 4 * 4  # the gradients, and one presence flag per parameter
     for p in params:
         assert torch.equal(p.grad, torch.full((8,), 3.0))  # the average over one process is the gradient itself
     averager.close()
 
 
-def test_a_parameter_without_gradient_counts_as_zeros(one_process_group: None) -> None:
+def test_a_parameter_without_gradient_on_any_process_keeps_none(one_process_group: None) -> None:
     params = _block([4, 4, 4])
     averager = GradientAverager(params, bucket_bytes=16)  # one parameter per bucket, started last-to-first
     averager.listening = True
@@ -226,7 +245,8 @@ def test_a_parameter_without_gradient_counts_as_zeros(one_process_group: None) -
     assert averager.collectives_total == 1
     averager.finish()
     assert averager.collectives_total == 3
-    assert torch.equal(params[1].grad, torch.zeros(4))
+    assert params[1].grad is None  # a zero gradient would still let the optimizer decay it
+    assert not averager.missing_here
     assert torch.equal(params[0].grad, torch.ones(4))
     averager.close()
     params[0].grad = None

@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch import Tensor
 
-from lightning_hift import HiFTStrategy
+from tests.helpers.lightning import (
+    Callback,
+    HiFTStrategy,
+    LightningModule,
+    OnExceptionCheckpoint,
+    SIGTERMException,
+    Trainer,
+    seed_everything,
+)
 from tests.helpers.modules import ResumableTinyModule, StepRecorder, TinyModule, fit
 
 UNITS = 6
@@ -116,8 +122,6 @@ class CtrlCAtStep(Callback):
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     previous = signal.getsignal(signal.SIGTERM)
     try:
         _interrupted_then_resumed(tmp_path, SignalAtStep(9, signal.SIGTERM), SIGTERMException)

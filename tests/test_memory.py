@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_hift import HiFTCallback, HiFTStrategy
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory import GIB, estimate_memory, main, snapshot
+from tests.helpers.lightning import Callback, HiFTCallback, HiFTStrategy, LightningModule, Trainer
 from tests.helpers.modules import TinyModule, fit
 
 

@@ -6,12 +6,18 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor
 
-from lightning_hift import HiFTCallback, HiFTStrategy
 from lightning_hift.memory import snapshot
+from tests.helpers.lightning import (
+    Callback,
+    HiFTCallback,
+    HiFTStrategy,
+    LightningModule,
+    MixedPrecision,
+    Trainer,
+    seed_everything,
+)
 from tests.helpers.modules import StepRecorder, TinyModule, fit
 
 UNITS = 6

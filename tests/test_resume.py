@@ -7,10 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_hift import HiFTStrategy
+from tests.helpers.lightning import HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
 from tests.helpers.modules import ResumableTinyModule
 
 TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epoch and mid-cycle

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
 
 import lightning_hift
-from lightning_hift import HiFTStrategy
+from tests.helpers.lightning import Callback, HiFTStrategy, Trainer, seed_everything
 from tests.helpers.modules import StepRecorder, TinyModule, fit, warmup_then_linear
 
 # TinyModule has six units: embeddings, four layers, output (norm + head).

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_hift import HiFTStrategy
+from tests.helpers.lightning import Callback, HiFTStrategy, Trainer, seed_everything
 from tests.helpers.modules import TinyModule
 
 pytestmark = pytest.mark.gpu

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_hift import HiFTDDPStrategy
+from tests.helpers.lightning import Callback, HiFTDDPStrategy, LightningModule, Trainer
 from tests.helpers.modules import SkipOnce, TinyModule
 
 
@@ -24,11 +24,24 @@ class ShardedTinyModule(TinyModule):
 
     With ``skew_by_rank``, process r adds r / 10 to every weight before the strategy sets up, so that the
     processes start the same only if the strategy broadcasts rank 0's weights.
+
+    With ``skip_layers_at``, process r's forward bypasses the repeated layers (so they get no gradient) at the
+    optimizer steps ``skip_layers_at[r]``: a branch taken on some processes only, as LayerDrop does.
     """
 
-    def __init__(self, *args: Any, skew_by_rank: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, skew_by_rank: bool = False, skip_layers_at: dict[int, set[int]] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.skew_by_rank = skew_by_rank
+        self.skip_layers_at = skip_layers_at or {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.trainer.global_step not in self.skip_layers_at.get(self.trainer.global_rank, set()):
+            return super().training_step(batch, batch_idx)
+        tokens, labels = batch
+        net = self.net
+        return nn.functional.cross_entropy(net.head(net.norm(net.embed(tokens)).mean(dim=1)), labels)
 
     def setup(self, stage: str) -> None:
         if self.skew_by_rank:
@@ -74,7 +87,9 @@ class RankReport(Callback):
         strategy: Any = trainer.strategy
         block = strategy.blocks[strategy.active_block]
         self._bytes = 0
-        self.batches.append({"block": block.index, "block_grad_bytes": sum(p.nbytes for p in block.params)})
+        # The block's gradients and, per parameter, one element saying whether this process had its gradient.
+        exchanged = sum(p.nbytes + p.element_size() for p in block.params)
+        self.batches.append({"block": block.index, "block_grad_bytes": exchanged})
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self.batches[-1].update(bytes=self._bytes, global_step=trainer.global_step)

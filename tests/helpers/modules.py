@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers.optimization import Adafactor
+
+from tests.helpers.lightning import Callback, LightningModule, Trainer
 
 VOCAB, WIDTH, CLASSES, SEQ = 32, 16, 4, 6
 

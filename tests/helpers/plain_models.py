@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+
+from tests.helpers.lightning import LightningModule
 
 
 class MnistMLP(nn.Module):
