@@ -45,6 +45,7 @@ class HiFTCallbackBase(_Callback):
         self._last_global_step = 0
         self._loaded: dict[str, Any] | None = None
         self._masters: MasterWeights | None = None
+        self._optimizer_state_mode = ""
 
     @staticmethod
     def _strategy(trainer: pl.Trainer) -> HiFTStrategyBase:
@@ -78,21 +79,34 @@ class HiFTCallbackBase(_Callback):
         # A tuner's trials follow the tuner's own schedule (lr_find's range test moves the rate every step).
         self.delayed_lr = DelayedLR("step" if tuning else strategy.lr_update)
         self._masters = strategy.masters
+        self._optimizer_state_mode = strategy.optimizer_state_mode
+        self.steps = 0
         if not tuning:
             strategy.end_tuning()
         if self._loaded is not None and not tuning:
-            self.steps = int(self._loaded["steps"])
-            self.order.load_state_dict(self._loaded["order"])
-            self.delayed_lr.load_state_dict(self._loaded["lr"])
-            # A checkpoint without masters (written at full precision) keeps the masters made from its weights.
-            if strategy.masters is not None and self._loaded.get("masters") is not None:
-                strategy.masters.load_state_dict(self._loaded["masters"])
+            self._resume(strategy, self._loaded)
             self._loaded = None
         self.delayed_lr.attach(trainer)
         self._last_global_step = trainer.global_step
         strategy.freeze()
         strategy.activate(self.order.current())
         strategy.prefetch(self.order.block_at(self.order.position + 1))
+
+    def _resume(self, strategy: HiFTStrategyBase, state: dict[str, Any]) -> None:
+        assert self.order is not None and self.delayed_lr is not None
+        self.steps = int(state["steps"])
+        self.order.load_state_dict(state["order"])
+        self.delayed_lr.load_state_dict(state["lr"])
+        saved_masters = state.get("masters")
+        if saved_masters is not None:
+            # Written under half precision: its fp32 masters are the weights' full values.
+            if strategy.masters is not None:
+                strategy.masters.load_state_dict(saved_masters)
+            else:
+                strategy.load_fp32_weights(saved_masters["masters"])
+        # Without saved masters (written at full precision), the masters were made from the checkpoint's fp32 weights.
+        mid_slot = self.steps % strategy.switch_every != 0
+        strategy.convert_optimizer_state(state.get("optimizer_state"), self.order.current(), mid_slot)
 
     @override
     def on_train_batch_end(
@@ -131,7 +145,12 @@ class HiFTCallbackBase(_Callback):
             return dict(self._loaded)
         if self.order is None or self.delayed_lr is None:
             return {}
-        state = {"steps": self.steps, "order": self.order.state_dict(), "lr": self.delayed_lr.state_dict()}
+        state = {
+            "steps": self.steps,
+            "order": self.order.state_dict(),
+            "lr": self.delayed_lr.state_dict(),
+            "optimizer_state": self._optimizer_state_mode,
+        }
         masters = self._masters
         if masters is not None:
             state["masters"] = masters.state_dict()

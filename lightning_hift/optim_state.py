@@ -117,6 +117,18 @@ class OptimizerStatePlacement:
                 self._to_host(p)
         self._places[block.index] = self._rest_place(block)
 
+    def drop(self, blocks: Sequence[Block]) -> int:
+        """Drop the optimizer state of ``blocks``, as "reset" does at the end of a turn.
+
+        Returns:
+            How many of the blocks had state.
+        """
+        dropped = 0
+        for block in blocks:
+            dropped += any([self.optimizer.state.pop(p, None) for p in self.keys(block)])
+            self._places[block.index] = self._rest_place(block)
+        return dropped
+
     def load(self, state_dict: Mapping[str, Any]) -> None:
         """Load an optimizer checkpoint, putting each block's state straight where it rests.
 

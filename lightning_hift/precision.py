@@ -13,6 +13,7 @@ whose gradients overflow is skipped (no master, weight or optimizer state change
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -57,6 +58,8 @@ class MasterWeights:
         device: the compute device.
         scaler: a loss scaler under fp16, None under bf16.
         transfer: the copier to use; one is made for ``device`` by default.
+        full_values: the fp32 values of weights that were rounded to half precision, keyed by parameter; the
+            masters start from them (else from the half weights).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class MasterWeights:
         device: torch.device,
         scaler: LossScaler | None,
         transfer: Transfer | None = None,
+        full_values: Mapping[Tensor, Tensor] | None = None,
     ) -> None:
         self.blocks = blocks
         self.device = device
@@ -74,9 +78,11 @@ class MasterWeights:
         self.skipped_steps = 0
         self._master: dict[int, nn.Parameter] = {}
         self._places: list[Place] = ["host"] * len(blocks)
+        full_values = full_values or {}
         for block in blocks:
             for p in block.params:
-                master = nn.Parameter(p.detach().float().to(HOST, copy=True), requires_grad=False)
+                value = full_values.get(p, p.detach())
+                master = nn.Parameter(value.float().to(HOST, copy=True), requires_grad=False)
                 self._master[id(p)] = master
         self._substitute(optimizer)
 

@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.lightning import HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
+from lightning_hift import partition
+from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
 from tests.helpers.modules import ResumableTinyModule
 
 TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epoch and mid-cycle
+CKPT = f"step={CUT}.ckpt"
 
 
 def train(tmp_path: Path, strategy: dict[str, Any], ckpt_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -19,12 +21,13 @@ def train(tmp_path: Path, strategy: dict[str, Any], ckpt_path: Path | None = Non
     module = ResumableTinyModule(schedule=(4, TOTAL), optimizer=strategy.pop("optimizer", "adamw"))
     precision = strategy.pop("precision", "32-true")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=CUT, save_top_k=-1, filename="{step}")
+    callbacks = [checkpoint, *kwargs.pop("callbacks", [])]
     trainer = Trainer(
         accelerator="cpu",
         strategy=HiFTStrategy(**strategy),
         precision=precision,
         max_steps=TOTAL,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -94,3 +97,79 @@ def test_a_plain_checkpoint_continues_under_hift_and_a_hift_one_under_plain_trai
     plain = _fit_from("auto", tmp_path / "hift" / "step=8.ckpt", 12)
     assert plain.global_step == 12
     assert all(p.requires_grad for p in plain.lightning_module.parameters())
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("offload", "keep"), ("keep", "offload")])
+def test_resume_between_offload_and_keep_is_exact(tmp_path: Path, saved: str, resumed: str) -> None:
+    full = train(tmp_path / "full", {"optimizer_state": resumed})
+    train(tmp_path / "saved", {"optimizer_state": saved})
+    after = train(tmp_path / "resumed", {"optimizer_state": resumed}, ckpt_path=tmp_path / "saved" / CKPT)
+    for name, value in full.items():
+        assert torch.equal(value, after[name]), name
+
+
+class StateAtStart(Callback):
+    """The parameters with optimizer state, and the active block's, once HiFT has activated the first block."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        strategy: Any = trainer.strategy
+        self.with_state = {id(p) for p, state in trainer.optimizers[0].state.items() if state}
+        self.active = {id(p) for p in strategy.blocks[strategy.active_block].params}
+
+
+@pytest.mark.parametrize(("switch_every", "kept"), [(1, "nothing"), (3, "the active block's")])
+def test_resume_under_reset_drops_the_state_a_reset_run_would_not_have(
+    tmp_path: Path, switch_every: int, kept: str
+) -> None:
+    strategy = {"optimizer_state": "offload", "switch_every": switch_every}
+    train(tmp_path / "saved", dict(strategy))
+    probe = StateAtStart()
+    with pytest.warns(UserWarning, match="dropped the saved optimizer state"):
+        train(tmp_path / "resumed", strategy | {"optimizer_state": "reset"}, ckpt_path=tmp_path / "saved" / CKPT,
+              callbacks=[probe])  # fmt: skip
+    # Step 10 is the middle of a slot when a block keeps it for three steps: a reset run still has that state.
+    assert probe.with_state == (probe.active if kept == "the active block's" else set())
+
+
+def test_resume_from_reset_under_offload_warns_that_waiting_blocks_start_afresh(tmp_path: Path) -> None:
+    train(tmp_path / "saved", {"optimizer_state": "reset"})
+    with pytest.warns(UserWarning, match="start with fresh optimizer state"):
+        train(tmp_path / "resumed", {"optimizer_state": "offload"}, ckpt_path=tmp_path / "saved" / CKPT)
+
+
+class FirstTrainedValues(Callback):
+    """The values the optimizer is about to update when training starts: the fp32 masters, or the weights."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        strategy: Any = trainer.strategy
+        masters = strategy.masters
+        self.values = [
+            tensor.detach().clone()
+            for block in strategy.blocks
+            for tensor in (masters.masters(block) if masters is not None else block.params)
+        ]
+
+
+def test_a_full_precision_checkpoint_resumed_in_bf16_keeps_its_fp32_values_in_the_masters(tmp_path: Path) -> None:
+    train(tmp_path / "saved", {"precision": "32-true"})
+    checkpoint = torch.load(tmp_path / "saved" / CKPT, weights_only=True)
+    probe = FirstTrainedValues()
+    train(tmp_path / "resumed", {"precision": "bf16-true"}, ckpt_path=tmp_path / "saved" / CKPT, callbacks=[probe])
+    saved = [checkpoint["state_dict"][name] for name in _block_param_names()]
+    assert all(torch.equal(value, fp32) for value, fp32 in zip(probe.values, saved, strict=True))
+    assert not all(torch.equal(fp32, fp32.bfloat16().float()) for fp32 in saved)  # bf16 would have rounded them
+
+
+def test_a_bf16_checkpoint_resumed_in_full_precision_starts_from_its_fp32_masters(tmp_path: Path) -> None:
+    train(tmp_path / "saved", {"precision": "bf16-true"})
+    checkpoint = torch.load(tmp_path / "saved" / CKPT, weights_only=True)
+    probe = FirstTrainedValues()
+    train(tmp_path / "resumed", {"precision": "32-true"}, ckpt_path=tmp_path / "saved" / CKPT, callbacks=[probe])
+    (hift_state,) = [state for key, state in checkpoint["callbacks"].items() if "HiFTCallback" in key]
+    masters = hift_state["masters"]["masters"]
+    assert all(torch.equal(value, master) for value, master in zip(probe.values, masters, strict=True))
+    assert not all(torch.equal(m, m.bfloat16().float()) for m in masters)  # finer than the bf16 weights
+
+
+def _block_param_names() -> list[str]:
+    return [name for block in partition(ResumableTinyModule()) for name in block.names]
