@@ -18,7 +18,14 @@ from omegaconf.errors import MissingMandatoryValue
 
 from lightning_hift import HiFTConfigError
 from lightning_hift.tasks import TextFileDataModule, TweetSentimentDataModule
-from tests.helpers.lightning import BackboneFinetuning, HiFTCallback, HiFTStrategy, ModelCheckpoint, Trainer
+from tests.helpers.lightning import (
+    BackboneFinetuning,
+    HiFTCallback,
+    HiFTDDPStrategy,
+    HiFTStrategy,
+    ModelCheckpoint,
+    Trainer,
+)
 from tests.helpers.modules import TinyModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -119,6 +126,10 @@ CASES: dict[str, Case] = {
     "unknown lr_update": (lambda _: HiFTStrategy(lr_update="never"), HiFTConfigError, "lr_update"),
     "unknown on_nonfinite": (lambda _: HiFTStrategy(on_nonfinite="ignore"), HiFTConfigError, "on_nonfinite"),
     "frozen as a string": (lambda _: HiFTStrategy(frozen="net.embed.*"), HiFTConfigError, "frozen"),  # type: ignore[arg-type]
+    "frozen of numbers": (lambda _: HiFTStrategy(frozen=[123]), HiFTConfigError, "frozen"),  # type: ignore[list-item]
+    "layers as a number": (lambda _: HiFTStrategy(layers=123), HiFTConfigError, "layers"),  # type: ignore[arg-type]
+    "seed not a number": (lambda _: HiFTStrategy(seed="zero"), HiFTConfigError, "seed"),  # type: ignore[arg-type]
+    "bucket_cap_mb=0": (lambda _: HiFTDDPStrategy(bucket_cap_mb=0), HiFTConfigError, "bucket_cap_mb"),
     # model and Trainer set-up, at fit start
     "layers path missing": (
         lambda _: fit_fails(strategy=HiFTStrategy(layers="net.missing")),
@@ -165,6 +176,11 @@ CASES: dict[str, Case] = {
         lambda tmp: fit_fails(strategy=HiFTStrategy(order="random"), ckpt_path=checkpoint(tmp)),
         HiFTConfigError,
         "order",
+    ),
+    "resume the random order with another seed": (
+        lambda tmp: fit_fails(strategy=HiFTStrategy(order="random", seed=1), ckpt_path=checkpoint(tmp, order="random")),
+        HiFTConfigError,
+        "seed",
     ),
     "resume with another lr_update": (
         lambda tmp: fit_fails(strategy=HiFTStrategy(lr_update="step"), ckpt_path=checkpoint(tmp)),

@@ -173,3 +173,10 @@ def test_a_bf16_checkpoint_resumed_in_full_precision_starts_from_its_fp32_master
 
 def _block_param_names() -> list[str]:
     return [name for block in partition(ResumableTinyModule()) for name in block.names]
+
+
+def test_resuming_an_order_the_seed_does_not_change_accepts_another_seed(tmp_path: Path) -> None:
+    full = train(tmp_path / "full", {"seed": 0})
+    after = train(tmp_path / "resumed", {"seed": 5}, ckpt_path=tmp_path / "full" / CKPT)
+    for name, value in full.items():
+        assert torch.equal(value, after[name]), name
