@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from lightning_hift import HiFTConfigError
 from tests.helpers.lightning import (
     BatchSizeFinder,
+    Callback,
+    EMAWeightAveraging,
     HiFTStrategy,
     LearningRateFinder,
     StochasticWeightAveraging,
@@ -226,3 +228,24 @@ def test_the_skip_count_and_its_warning_start_again_with_every_fit() -> None:
         assert trainer.strategy.skipped_nonfinite == 1, fit_number  # type: ignore[attr-defined]
         assert sum("non-finite" in str(w.message) for w in caught) == 1, fit_number
         trainer.fit_loop.epoch_loop.max_steps = 2 * UNITS  # a second fit of the same Trainer goes on
+
+
+class Trajectory(Callback):
+    def __init__(self) -> None:
+        self.params: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        self.params.append(_params(pl_module))
+
+
+def test_ema_weight_averaging_averages_the_block_wise_trajectory() -> None:
+    decay = 0.5
+    trajectory = Trajectory()
+    module = TinyModule()
+    fit(module, HiFTStrategy(), 2 * UNITS, [trajectory, EMAWeightAveraging(decay=decay)])
+    expected = dict(trajectory.params[0])
+    for params in trajectory.params[1:]:
+        expected = {n: decay * expected[n] + (1 - decay) * p for n, p in params.items()}
+    for name, value in module.named_parameters():  # the average replaces the weights when training ends
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert not all(torch.equal(expected[n], p) for n, p in trajectory.params[-1].items())

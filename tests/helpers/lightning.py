@@ -26,6 +26,7 @@ Callback = pl.Callback
 seed_everything = pl.seed_everything
 BackboneFinetuning = pl.callbacks.BackboneFinetuning
 BatchSizeFinder = pl.callbacks.BatchSizeFinder
+EMAWeightAveraging = pl.callbacks.EMAWeightAveraging
 LearningRateFinder = pl.callbacks.LearningRateFinder
 StochasticWeightAveraging = pl.callbacks.StochasticWeightAveraging
 Tuner = pl.tuner.Tuner
