@@ -117,8 +117,9 @@ class HiFTCallbackBase(_Callback):
         self._last_global_step = trainer.global_step
         strategy = self._strategy(trainer)
         assert self.order is not None and self.delayed_lr is not None
+        logs = not getattr(trainer, "barebones", False)  # Lightning refuses self.log under barebones=True
         metrics = {"hift/active_block": float(self.order.current()), "hift/cycle": float(self.order.cycle)}
-        if self.log_memory:
+        if logs and self.log_memory:
             metrics.update(snapshot(strategy).as_metrics())
         self.steps += 1
         slot_ended = self.steps % strategy.switch_every == 0
@@ -126,7 +127,8 @@ class HiFTCallbackBase(_Callback):
         if slot_ended:
             strategy.activate(self.order.advance())
             strategy.prefetch(self.order.block_at(self.order.position + 1))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        if logs:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

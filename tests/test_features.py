@@ -249,3 +249,13 @@ def test_ema_weight_averaging_averages_the_block_wise_trajectory() -> None:
     for name, value in module.named_parameters():  # the average replaces the weights when training ends
         assert torch.allclose(value, expected[name], atol=1e-6), name
     assert not all(torch.equal(expected[n], p) for n, p in trajectory.params[-1].items())
+
+
+def test_barebones_trains_without_logging() -> None:
+    module = TinyModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(accelerator="cpu", strategy=HiFTStrategy(), max_steps=UNITS, barebones=True)
+        trainer.fit(module)
+    assert trainer.global_step == UNITS
+    assert not any("barebones" in str(w.message) for w in caught)
