@@ -154,3 +154,21 @@ def test_every_name_is_registered_with_both_packages(package_name: str) -> None:
     for name, start_method in {"hift_ddp": "popen", "hift_ddp_spawn": "spawn", "hift_ddp_fork": "fork"}.items():
         assert registry[name]["strategy"] is hift.HiFTDDPStrategy
         assert registry[name]["init_params"] == {"start_method": start_method}
+
+
+def test_peft_lora_adapters_train_block_by_block_and_the_base_stays_frozen() -> None:
+    peft = pytest.importorskip("peft")
+    base = TINY_MODELS["bert-seqcls"]()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    module = PlainTask(model, *_tokens(2))
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    recorder = StepRecorder()
+    trainer = fit(module, "hift", 8, [recorder])
+    strategy: Any = trainer.strategy
+    assert {n for block in strategy.blocks for n in block.names} == trainable  # adapters (and the head) only
+    for active, changed in zip(recorder.active, recorder.changed, strict=True):
+        assert active is not None and changed <= set(strategy.blocks[active].names)
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, start[n])}
+    assert moved == trainable
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable  # handed back as it came

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +15,12 @@ from lightning_hift import HiFTConfigError
 from tests.helpers.lightning import (
     BatchSizeFinder,
     Callback,
+    CSVLogger,
+    EarlyStopping,
     EMAWeightAveraging,
     HiFTStrategy,
     LearningRateFinder,
+    LearningRateMonitor,
     StochasticWeightAveraging,
     Trainer,
     Tuner,
@@ -259,3 +263,85 @@ def test_barebones_trains_without_logging() -> None:
         trainer.fit(module)
     assert trainer.global_step == UNITS
     assert not any("barebones" in str(w.message) for w in caught)
+
+
+class Evaluated(TinyModule):
+    """Logs its training loss, and has validation, test and predict steps on the training data."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", super().training_step(batch, batch_idx))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test_loss", super().training_step(batch, batch_idx))
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.net(batch[0])
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+    test_dataloader = predict_dataloader = val_dataloader
+
+
+def test_early_stopping_stops_a_hift_fit_and_hands_the_model_back() -> None:
+    module = Evaluated()
+    stop = EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9)  # no improvement is ever enough
+    trainer = _trainer(max_steps=1000, val_check_interval=UNITS, callbacks=[stop])
+    trainer.fit(module)
+    assert trainer.global_step == 2 * UNITS  # the first check sets the best score, the second stops
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_validate_test_and_predict_after_a_hift_fit_change_nothing() -> None:
+    module = Evaluated()
+    trainer = _trainer()
+    trainer.fit(module)
+    after_fit = _params(module)
+    assert trainer.validate(module)[0]["val_loss"] > 0
+    assert trainer.test(module)[0]["test_loss"] > 0
+    predictions = trainer.predict(module)
+    assert predictions is not None and len(predictions) == 16
+    assert all(torch.equal(p, after_fit[n]) for n, p in module.named_parameters())
+
+
+def test_learning_rate_monitor_logs_the_rate_each_step_trained_at(tmp_path: Path) -> None:
+    recorder = StepRecorder()
+    module = TinyModule(schedule=(2, 2 * UNITS))
+    logger = CSVLogger(tmp_path)
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = _trainer(callbacks=[recorder, monitor], logger=logger, log_every_n_steps=1)
+    trainer.fit(module)
+    logger.save()
+    rows = [line.split(",") for line in (Path(logger.log_dir) / "metrics.csv").read_text().split()]
+    column = rows[0].index("lr-AdamW")
+    logged = [float(row[column]) for row in rows[1:] if row[column]]
+    assert logged == pytest.approx(recorder.lrs)  # held for each cycle of six steps
+
+
+def test_reduce_lr_on_plateau_is_left_to_lightning() -> None:
+    class Plateau(Evaluated):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, threshold=1e9)
+            config = {"scheduler": scheduler, "monitor": "train_loss", "interval": "step"}
+            return {"optimizer": optimizer, "lr_scheduler": config}
+
+    class Rates(Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = []
+    for strategy in (HiFTStrategy(), "auto"):
+        recorder = Rates()
+        _trainer(strategy=strategy, callbacks=[recorder]).fit(Plateau(lr=0.1))
+        rates.append(recorder.lrs)
+    assert rates[0] == rates[1]
+    assert rates[0][-1] < 0.1
