@@ -24,12 +24,14 @@ from typing_extensions import override
 
 from lightning_hift import lr, optim_state, orders
 from lightning_hift.blocks import Block, check_frozen, partition
+from lightning_hift.checkpointing import CheckpointInputs
+from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
 from lightning_hift.precision import LossScaler, MasterWeights, all_finite
-from lightning_hift.transfer import Transfer
+from lightning_hift.transfer import HOST, Transfer
 from lightning_hift.units import LayersSpec, check_layers_spec
 
 if TYPE_CHECKING:
@@ -117,6 +119,8 @@ class HiFTStrategyBase(_Strategy):
         self.callback: HiFTCallbackBase | None = None
         self._fit_callbacks: list[Any] | None = None
         self._masters_before_tuner: dict[str, Any] | None = None
+        self.checkpoint_inputs = CheckpointInputs()
+        self.compiled_by_unit: CompiledByUnit | None = None
 
     @override
     def setup_environment(self) -> None:
@@ -168,10 +172,13 @@ class HiFTStrategyBase(_Strategy):
         assert self.accelerator is not None
         assert self.model is not None
         self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == "fit"
+        # The fp32 values the half-precision conversion is about to round (a user's fp32 model, or a full-precision
+        # checkpoint being resumed): the masters start from them.
+        full_values = _fp32_values(self.model) if fitting and self._converts_to_half() else {}
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._sync_model_states()
-        fitting = trainer.state.fn == "fit"
         if fitting:
             self._check_automatic_optimization()
             self.setup_optimizers(trainer)
@@ -182,7 +189,7 @@ class HiFTStrategyBase(_Strategy):
         self.setup_precision_plugin()
         if fitting:
             transfer = Transfer(self.root_device)
-            self.masters = self._make_masters(transfer)
+            self.masters = self._make_masters(transfer, full_values)
             self.placement = OptimizerStatePlacement(
                 self.optimizer_state_mode,
                 self.optimizers[0],
@@ -195,13 +202,53 @@ class HiFTStrategyBase(_Strategy):
     def _sync_model_states(self) -> None:
         """Make the weights the same everywhere before training; one process has nothing to do."""
 
-    def _make_masters(self, transfer: Transfer) -> MasterWeights | None:
+    def _converts_to_half(self) -> bool:
+        return isinstance(self.precision_plugin, lightning_classes("plugins.precision.HalfPrecision"))
+
+    def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
-        if not isinstance(self.precision_plugin, lightning_classes("plugins.precision.HalfPrecision")):
+        if not self._converts_to_half():
             return None
         fp16 = self.precision_plugin._desired_input_dtype == torch.float16  # type: ignore[attr-defined]
         scaler = LossScaler() if fp16 else None
-        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer)
+        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer, full_values)
+
+    def load_fp32_weights(self, values: Sequence[Tensor]) -> None:
+        """Set the blocks' weights, in block order, from fp32 values (a half-precision run's masters)."""
+        params = [p for block in self.blocks for p in block.params]
+        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params, strict=False)):
+            raise HiFTConfigError(
+                "The checkpoint's fp32 master weights do not match this model's blocks. Resume with the model and"
+                " the HiFT settings (layers_per_block, layers, frozen) that wrote it."
+            )
+        with torch.no_grad():
+            for p, value in zip(params, values, strict=True):
+                p.copy_(value)
+
+    def convert_optimizer_state(self, saved_mode: str | None, active: int, mid_slot: bool) -> None:
+        """Bring optimizer state resumed from a run with another ``optimizer_state`` to what this run keeps.
+
+        Offload and keep hold the same state in different places, so a switch between them is exact. A run resumed
+        under "reset" drops the state of every block but the one in the middle of its turn. A run resumed from a
+        "reset" checkpoint has no state for the blocks that were waiting: they start afresh at their next turn.
+        """
+        assert self.placement is not None
+        if saved_mode in (None, self.optimizer_state_mode):
+            return
+        if self.optimizer_state_mode == "reset":
+            keep = {active} if mid_slot else set()
+            dropped = self.placement.drop([b for b in self.blocks if b.index not in keep])
+            if dropped:
+                rank_zero_warn(
+                    f"HiFT: the checkpoint was written with optimizer_state={saved_mode!r}; resuming with 'reset'"
+                    f" dropped the saved optimizer state of {dropped} blocks, as a 'reset' run would have."
+                )
+        elif saved_mode == "reset":
+            rank_zero_warn(
+                f"HiFT: the checkpoint was written with optimizer_state='reset', which keeps no state for waiting"
+                f" blocks; under {self.optimizer_state_mode!r} they start with fresh optimizer state at their next"
+                " turn and keep it from then on."
+            )
 
     def _check_automatic_optimization(self) -> None:
         module = self.lightning_module
@@ -218,6 +265,8 @@ class HiFTStrategyBase(_Strategy):
         # Lightning allows a single optimizer under automatic optimization, which HiFT requires.
         blocks = partition(module, self.layers_per_block, layers=self.layers, frozen=self.frozen)
         self.blocks = _only_optimized(blocks, self.optimizers[0])
+        self.checkpoint_inputs.start(module, self.blocks)
+        self.compiled_by_unit = compile_by_unit(module, self.layers)
         self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
         self.active_block = None
 
@@ -244,6 +293,7 @@ class HiFTStrategyBase(_Strategy):
         for p in block.params:
             p.requires_grad_(True)
         self.active_block = index
+        self.checkpoint_inputs.attach(block)
 
     def prefetch(self, index: int) -> None:
         """Start bringing block ``index``'s optimizer state (and masters) to the device ahead of its turn.
@@ -272,6 +322,7 @@ class HiFTStrategyBase(_Strategy):
             self.masters.to_host(block)
         self.placement.to_rest(block)
         self.active_block = None
+        self.checkpoint_inputs.detach()
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
@@ -298,7 +349,16 @@ class HiFTStrategyBase(_Strategy):
         loss = closure()
         if not self._grads_ready(block, lightning_skipped=loss is None):
             return None
-        output = super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
+        calls = 0
+
+        def closure_ran_first() -> Any:
+            # The optimizer's first call gets the loss just computed; an optimizer that calls again (SAM's second
+            # pass) gets a fresh forward and backward.
+            nonlocal calls
+            calls += 1
+            return loss if calls == 1 else closure()
+
+        output = super().optimizer_step(optimizer, closure_ran_first, model, **kwargs)
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
@@ -384,6 +444,9 @@ class HiFTStrategyBase(_Strategy):
         for p in self._unfrozen_at_start:
             p.requires_grad_(True)
         self._unfrozen_at_start = []
+        self.checkpoint_inputs.close()
+        if self.compiled_by_unit is not None:
+            self.compiled_by_unit.restore()
         super().teardown()
 
     @classmethod
@@ -462,6 +525,10 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         presets = {"hift": {}, "hift_top2down": {"order": "top2down"}, "hift_random": {"order": "random"}}
         cls._register_presets(strategy_registry, presets)
+
+
+def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:
+    return {p: p.detach().to(HOST, copy=True) for p in model.parameters() if p.dtype == torch.float32}
 
 
 def _check_positive_int(name: str, value: object) -> None:

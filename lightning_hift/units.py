@@ -180,9 +180,18 @@ def _layer_names(model: nn.Module, layers: LayersSpec, hf: _HFModel | None) -> l
     return _children(model, _generic_containers(model))
 
 
+def _compile_wrapper() -> type:
+    """The class of the module ``torch.compile(module)`` returns."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
 def _find_hf_model(model: nn.Module) -> _HFModel | None:
     # named_modules is pre-order, so the first hit is the outermost Hugging Face model.
     for name, module in model.named_modules():
+        if isinstance(module, _compile_wrapper()):
+            continue  # torch.compile's wrapper forwards `config` to the model inside it, the one to cut
         model_type = getattr(getattr(module, "config", None), "model_type", None)
         if isinstance(model_type, str):
             return _HFModel(prefix=name, module=module, family=FAMILIES.get(model_type))

@@ -345,3 +345,32 @@ def test_reduce_lr_on_plateau_is_left_to_lightning() -> None:
         rates.append(recorder.lrs)
     assert rates[0] == rates[1]
     assert rates[0][-1] < 0.1
+
+
+class TwoPassSGD(torch.optim.SGD):
+    """Calls its closure twice per step, as sharpness-aware optimizers do, and steps on the second gradients."""
+
+    def step(self, closure: Any = None) -> Any:
+        assert closure is not None
+        with torch.enable_grad():
+            closure()
+            loss = closure()
+        self.passes = getattr(self, "passes", 0) + 2
+        return super().step() if loss is not None else None
+
+
+def test_an_optimizer_that_calls_its_closure_twice_gets_two_forward_and_backward_passes() -> None:
+    class TwoPass(GradWatch):
+        forwards = 0
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            self.forwards += 1
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self) -> Any:
+            return TwoPassSGD(self.parameters(), lr=0.1)
+
+    module = TwoPass()
+    trainer = fit(module, HiFTStrategy(), UNITS)
+    assert module.forwards == 2 * UNITS
+    assert trainer.optimizers[0].passes == 2 * UNITS

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
@@ -323,3 +324,16 @@ def test_layers_of_a_wrong_type_raise_a_config_error_saying_what_to_pass(
     with pytest.raises(HiFTConfigError, match=message) as error:
         check(layers)
     assert "layers=" in str(error.value)
+
+
+def test_a_hugging_face_model_wrapped_by_torch_compile_is_cut_as_the_model_inside() -> None:
+    class Holder(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    model = TINY_MODELS["llama-lm"]()
+    plain = [unit.name for unit in find_units(Holder(model))]
+    compiled = [unit.name.replace("._orig_mod", "") for unit in find_units(Holder(torch.compile(model)))]
+    assert compiled == plain
+    assert plain[0] == "embeddings" and plain[-1] == "output"
