@@ -28,7 +28,7 @@ stay per process; ``sync_batchnorm`` is refused.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,7 +44,9 @@ from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode
 from lightning_hift.orders import OrderName
+from lightning_hift.precision import MasterWeights
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec
 
 if TYPE_CHECKING:
@@ -229,12 +231,24 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
         # What the DDP wrapper does when it wraps a model: every process starts from rank 0's weights and buffers.
         module = self.lightning_module
         assert module is not None
-        tensors = [t.data for t in (*module.parameters(), *module.buffers())]
-        for bucket in split_into_buckets(tensors, self.bucket_bytes):
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.broadcast(flat, src=0)
-            for t, value in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
-                t.copy_(value.view_as(t))
+        self._broadcast_from_first([t.data for t in (*module.parameters(), *module.buffers())])
+
+    @override
+    def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
+        # The masters start from each process's own fp32 values, taken before the weights were synchronised.
+        masters = super()._make_masters(transfer, full_values)
+        if masters is not None:
+            self._broadcast_from_first([m.data for block in self.blocks for m in masters.masters(block)])
+        return masters
+
+    def _broadcast_from_first(self, tensors: Sequence[Tensor]) -> None:
+        """Give every process process 0's values of ``tensors``, in buckets sent from the compute device."""
+        with torch.no_grad():
+            for bucket in split_into_buckets(tensors, self.bucket_bytes):
+                flat = torch.cat([t.reshape(-1) for t in bucket]).to(self.root_device)
+                dist.broadcast(flat, src=0)
+                for t, value in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+                    t.copy_(value.view_as(t))
 
     def _check_same_blocks(self) -> None:
         mine = [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks]

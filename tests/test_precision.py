@@ -132,10 +132,10 @@ def displacement(lr: float, precision: str, strategy: Any) -> tuple[Tensor, Tens
             finals.append(torch.cat([by_name[n].detach().flatten() for n, _ in pl_module.named_parameters()]))
 
     fit(module, strategy, 4 * UNITS, [Masters()], precision=precision)
-    if precision == "bf16-true":
-        start = start.bfloat16().float()  # the weights (and so the masters) start from the rounded values
+    # The bf16 weights start from the rounded values; the masters start from the model's own fp32 values.
+    start_weights = start.bfloat16().float() if precision == "bf16-true" else start
     weights = torch.cat([p.detach().float().flatten() for p in module.parameters()])
-    return weights - start, finals[0] - start
+    return weights - start_weights, finals[0] - start
 
 
 def test_bf16_masters_accumulate_updates_that_bf16_weights_alone_lose() -> None:
