@@ -86,7 +86,7 @@ class HiFTCallbackBase(_Callback):
         if self._loaded is not None and not tuning:
             self._resume(strategy, self._loaded)
             self._loaded = None
-        self.delayed_lr.attach(trainer)
+        self.delayed_lr.attach(trainer, cycle_steps=len(strategy.blocks) * strategy.switch_every)
         self._last_global_step = trainer.global_step
         strategy.freeze()
         strategy.activate(self.order.current())

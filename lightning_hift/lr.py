@@ -1,11 +1,13 @@
 """The delayed learning-rate update: every block of a cycle sees the same learning rate.
 
-HiFT moves the learning rate only when every block has been updated once. The user's schedulers stay
-stock torch schedulers; only *when* Lightning steps the step-interval ones changes. Modes:
+HiFT moves the learning rate only between cycles, so that every block of a cycle trains at the same rate. The
+user's schedulers stay stock torch schedulers; only *when* Lightning steps the step-interval ones changes. Modes:
 
 ``"cycle"``
-    The learning rate is held for a cycle; when the cycle ends the scheduler is stepped once for every
-    optimizer step of the cycle, so a schedule built for ``max_steps`` still ends at ``max_steps``.
+    A cycle trains at the mean of the rates the schedule gives its steps. When a cycle starts, its schedulers are
+    stepped through the cycle's steps ahead of time (so a schedule built for ``max_steps`` still ends at
+    ``max_steps``) and the mean of the rates they pass is the rate the cycle trains at. The rate summed over a run
+    equals the schedule's, and a warm-up from 0 does not cost a first cycle trained at rate 0.
 ``"stretched"``
     One scheduler step per cycle, as the paper's reference code did. A schedule built for ``max_steps``
     then runs ``k`` times slower (warm-up included) and never finishes; kept to reproduce published runs.
@@ -54,37 +56,63 @@ class DelayedLR:
         check_mode(mode)
         self.mode = mode
         self._held: list[_Held] = []
-        self._owed_detached: list[int] = []  # what the held schedulers were owed when last detached or loaded
+        self._cycle_steps = 1
+        # "cycle": the global step the prepared cycle ends at, and each optimizer's schedule rates for that step
+        # (its param groups hold the cycle's mean meanwhile).
+        self._prepared_until = 0
+        self._schedule_rates: list[float] = []
 
-    def attach(self, trainer: pl.Trainer) -> None:
-        """Hold back the step-interval schedulers of ``trainer`` from Lightning's own stepping."""
-        owed = self.state_dict()["owed"]
+    def attach(self, trainer: pl.Trainer, cycle_steps: int) -> None:
+        """Hold back the step-interval schedulers of ``trainer``; a cycle is ``cycle_steps`` optimizer steps."""
         self.detach()
+        self._cycle_steps = cycle_steps
         self._follow(trainer)
-        if len(owed) == len(self._held):
-            for held, steps in zip(self._held, owed, strict=True):
-                held.owed = steps
+        if self.mode == "cycle" and trainer.global_step >= self._prepared_until:
+            self._start_cycle(trainer)
 
     def detach(self) -> None:
-        """Give the schedulers back to Lightning as they were configured; what they are owed is kept."""
-        if self._held:
-            self._owed_detached = [held.owed for held in self._held]
+        """Give the schedulers back to Lightning as they were configured."""
         for held in self._held:
             held.release()
         self._held = []
 
     def after_optimizer_step(self, trainer: pl.Trainer, cycle_ended: bool) -> None:
-        """Account for the optimizer step just taken and step the schedulers if the cycle has ended."""
+        """Account for the optimizer step just taken and move the rates if the cycle has ended."""
         self._follow(trainer)
-        for held in self._held:
-            if self.mode == "cycle" and trainer.global_step % held.frequency == 0:
-                held.owed += 1
-            if not cycle_ended:
-                continue
-            steps = held.owed if self.mode == "cycle" else 1
-            for _ in range(steps):
+        if not cycle_ended:
+            return
+        if self.mode == "cycle":
+            self._start_cycle(trainer)
+        elif self.mode == "stretched":
+            for held in self._held:
                 trainer.lightning_module.lr_scheduler_step(held.config.scheduler, None)
-            held.owed = 0
+
+    def _start_cycle(self, trainer: pl.Trainer) -> None:
+        """Step the schedulers through the coming cycle and train it at the mean of the rates they pass."""
+        groups = self._param_groups()
+        if self._schedule_rates:  # the previous cycle's mean is in the groups: give the schedulers their own rates
+            for group, rate in zip(groups, self._schedule_rates, strict=True):
+                group["lr"] = rate
+        start = trainer.global_step
+        steps = self._cycle_steps
+        total = trainer.estimated_stepping_batches
+        if total != float("inf"):  # no schedule step beyond the run (OneCycleLR refuses them)
+            steps = max(0, min(steps, int(total) - start))
+        rates: list[list[float]] = []
+        for step in range(start + 1, start + steps + 1):
+            rates.append([group["lr"] for group in groups])
+            for held in self._held:
+                if step % held.frequency == 0:
+                    trainer.lightning_module.lr_scheduler_step(held.config.scheduler, None)
+        self._schedule_rates = [group["lr"] for group in groups]
+        self._prepared_until = start + steps
+        for i, group in enumerate(groups):
+            if rates:
+                group["lr"] = sum(rate[i] for rate in rates) / len(rates)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        optimizers = {id(held.config.scheduler.optimizer): held.config.scheduler.optimizer for held in self._held}
+        return [group for optimizer in optimizers.values() for group in optimizer.param_groups]
 
     def _follow(self, trainer: pl.Trainer) -> None:
         """Hold exactly the step-interval schedulers that Lightning holds now."""
@@ -92,15 +120,15 @@ class DelayedLR:
             return
         current = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and not c.reduce_on_plateau]
         for held in [h for h in self._held if not any(h.config is c for c in current)]:
-            held.release()  # replaced by someone else: what it was owed goes with it
+            held.release()  # replaced by someone else, who now sets the rate
             self._held.remove(held)
+            self._schedule_rates = []
         for config in current:
             if not any(h.config is config for h in self._held):
                 self._held.append(_Held(config))
 
     def state_dict(self) -> dict[str, Any]:
-        owed = [held.owed for held in self._held] if self._held else list(self._owed_detached)
-        return {"mode": self.mode, "owed": owed}
+        return {"mode": self.mode, "prepared_until": self._prepared_until, "schedule_rates": self._schedule_rates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode") != self.mode:
@@ -109,16 +137,16 @@ class DelayedLR:
                 f" lr_update={self.mode!r}. Resume with the same lr_update, or start a new run."
             )
         self.detach()
-        self._owed_detached = [int(n) for n in state["owed"]]
+        self._prepared_until = int(state.get("prepared_until", 0))
+        self._schedule_rates = [float(rate) for rate in state.get("schedule_rates", [])]
 
 
 class _Held:
-    """A scheduler config whose stepping HiFT has taken over, and the steps it is owed."""
+    """A scheduler config whose stepping HiFT has taken over."""
 
     def __init__(self, config: LRSchedulerConfig) -> None:
         self.config = config
         self.frequency = config.frequency
-        self.owed = 0
         config.frequency = _NEVER
 
     def release(self) -> None:

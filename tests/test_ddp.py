@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from lightning_hift import HiFTConfigError
 from lightning_hift.ddp import GradientAverager, split_into_buckets
-from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, load_reports
+from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, StopAt, load_reports
 from tests.helpers.lightning import HiFTDDPStrategy, HiFTStrategy, ModelCheckpoint
 from tests.helpers.modules import quiet_trainer
 from tests.helpers.tiny_models import TINY_MODELS
@@ -33,7 +33,12 @@ WORLD = 2
 
 
 def fit_two_processes(
-    out: Path, max_steps: int, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None, **hift: Any
+    out: Path,
+    max_steps: int,
+    ckpt_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    stop_at: int | None = None,
+    **hift: Any,
 ) -> list[dict[str, Any]]:
     accumulate = hift.pop("accumulate", 1)
     precision = hift.pop("precision", "32-true")
@@ -50,7 +55,9 @@ def fit_two_processes(
     )
     callbacks: list[Any] = [RankReport(out)]
     if checkpoint_dir is not None:
-        callbacks.append(_checkpoint_at_the_end(checkpoint_dir, max_steps))
+        callbacks.append(_checkpoint_at_the_end(checkpoint_dir, stop_at or max_steps))
+    if stop_at is not None:
+        callbacks.append(StopAt(stop_at))
     trainer = quiet_trainer(
         strategy=HiFTDDPStrategy(start_method="spawn", **hift),
         devices=WORLD,
@@ -74,11 +81,16 @@ def fit_one_process(
     ckpt_path: Path | None = None,
     checkpoint_dir: Path | None = None,
     accumulate: int = 1,
+    stop_at: int | None = None,
     **hift: Any,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
-    callbacks = [] if checkpoint_dir is None else [_checkpoint_at_the_end(checkpoint_dir, max_steps)]
+    callbacks: list[Any] = (
+        [] if checkpoint_dir is None else [_checkpoint_at_the_end(checkpoint_dir, stop_at or max_steps)]
+    )
+    if stop_at is not None:
+        callbacks.append(StopAt(stop_at))
     trainer = quiet_trainer(
         strategy=HiFTStrategy(**hift),
         max_steps=max_steps,
@@ -155,7 +167,8 @@ def test_a_block_without_gradient_on_some_processes_is_averaged_with_zeros_or_sk
 def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Path) -> None:
     # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
     hift = {"layers_per_block": 2, "switch_every": 4}
-    fit_two_processes(tmp_path / "first", 10, checkpoint_dir=tmp_path / "ckpt", **hift)
+    # The first run is set up for all 16 steps and stops at step 10, as an interrupted one would.
+    fit_two_processes(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
     (ckpt,) = (tmp_path / "ckpt").iterdir()  # written once, by rank 0
     assert torch.load(ckpt, weights_only=True)["global_step"] == 10
 
@@ -166,7 +179,7 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Pat
     assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
 
     # And a one-process checkpoint continues on two processes.
-    fit_one_process(10, checkpoint_dir=tmp_path / "ckpt_one", **hift)
+    fit_one_process(16, checkpoint_dir=tmp_path / "ckpt_one", stop_at=10, **hift)
     (ckpt_one,) = (tmp_path / "ckpt_one").iterdir()
     continued = fit_two_processes(tmp_path / "continued", 16, ckpt_path=ckpt_one, **hift)
     assert_same(continued[0]["params"], uninterrupted, exact=False)

@@ -115,3 +115,14 @@ class MismatchedSeedStrategy(HiFTDDPStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.seed = trainer.global_rank
         super().setup(trainer)
+
+
+class StopAt(Callback):
+    """Stops training after optimizer step ``step``, as an interruption would, in a run set up for more steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
