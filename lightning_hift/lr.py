@@ -20,6 +20,7 @@ Epoch-interval schedulers and ReduceLROnPlateau are left to Lightning in every m
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_hift.errors import HiFTConfigError
@@ -99,11 +100,14 @@ class DelayedLR:
         if total != float("inf"):  # no schedule step beyond the run (OneCycleLR refuses them)
             steps = max(0, min(steps, int(total) - start))
         rates: list[list[float]] = []
-        for step in range(start + 1, start + steps + 1):
-            rates.append([group["lr"] for group in groups])
-            for held in self._held:
-                if step % held.frequency == 0:
-                    trainer.lightning_module.lr_scheduler_step(held.config.scheduler, None)
+        with warnings.catch_warnings():
+            # Stepping ahead of the optimizer is the point here; torch's warning about that order would mislead.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            for step in range(start + 1, start + steps + 1):
+                rates.append([group["lr"] for group in groups])
+                for held in self._held:
+                    if step % held.frequency == 0:
+                        trainer.lightning_module.lr_scheduler_step(held.config.scheduler, None)
         self._schedule_rates = [group["lr"] for group in groups]
         self._prepared_until = start + steps
         for i, group in enumerate(groups):

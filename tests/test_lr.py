@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,10 @@ def test_resuming_in_the_middle_of_a_cycle_is_exact(schedule: str, tmp_path: Pat
     assert resumed_lrs == lrs[13:]
     for name, value in full.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_stepping_the_schedule_ahead_raises_no_warning_about_the_order() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run("cosine", HiFTStrategy())
+    assert not any("lr_scheduler.step()" in str(w.message) for w in caught)
