@@ -133,13 +133,19 @@ class GradientAverager:
         while len(self._launched) < len(self.buckets):
             self._launch()
         self.bytes_last_step = sum(flat.nbytes for _, flat in self._launched)
-        self.missing_here = False
+        grads: list[Tensor] = []
+        counts: list[Tensor] = []
         for (work, flat), bucket in zip(self._launched, self.buckets, strict=True):
             work.wait()
-            *grads, counts = flat.split([*(p.numel() for p in bucket), len(bucket)])
-            for p, grad, count in zip(bucket, grads, counts.tolist(), strict=True):
-                self.missing_here |= p.grad is None and count > 0
-                p.grad = grad.div_(self.world_size).view_as(p) if count > 0 else None
+            *bucket_grads, bucket_counts = flat.split([*(p.numel() for p in bucket), len(bucket)])
+            grads += bucket_grads
+            counts.append(bucket_counts)
+        # One read of the counts for the whole block: on an accelerator each read waits for the device.
+        had_grad = torch.cat(counts).tolist()
+        params = [p for bucket in self.buckets for p in bucket]
+        self.missing_here = any(p.grad is None and n > 0 for p, n in zip(params, had_grad, strict=True))
+        for p, grad, n in zip(params, grads, had_grad, strict=True):
+            p.grad = grad.div_(self.world_size).view_as(p) if n > 0 else None
         self._reset()
 
     def close(self) -> None:

@@ -110,9 +110,9 @@ class DelayedLR:
                         trainer.lightning_module.lr_scheduler_step(held.config.scheduler, None)
         self._schedule_rates = [group["lr"] for group in groups]
         self._prepared_until = start + steps
-        for i, group in enumerate(groups):
-            if rates:
-                group["lr"] = sum(rate[i] for rate in rates) / len(rates)
+        if rates:
+            for group, cycle_rates in zip(groups, zip(*rates, strict=True), strict=True):
+                group["lr"] = sum(cycle_rates) / len(cycle_rates)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         optimizers = {id(held.config.scheduler.optimizer): held.config.scheduler.optimizer for held in self._held}

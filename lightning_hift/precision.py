@@ -58,8 +58,8 @@ class MasterWeights:
         device: the compute device.
         scaler: a loss scaler under fp16, None under bf16.
         transfer: the copier to use; one is made for ``device`` by default.
-        full_values: the fp32 values of weights that were rounded to half precision, keyed by parameter; the
-            masters start from them (else from the half weights).
+        full_values: fp32 host copies of weights that were rounded to half precision, keyed by parameter; they
+            become those parameters' masters (the others start from their half weights).
     """
 
     def __init__(
@@ -81,8 +81,9 @@ class MasterWeights:
         full_values = full_values or {}
         for block in blocks:
             for p in block.params:
-                value = full_values.get(p, p.detach())
-                master = nn.Parameter(value.float().to(HOST, copy=True), requires_grad=False)
+                full = full_values.get(p)
+                value = full if full is not None else p.detach().to(HOST, torch.float32, copy=True)
+                master = nn.Parameter(value, requires_grad=False)
                 self._master[id(p)] = master
         self._substitute(optimizer)
 

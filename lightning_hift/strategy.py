@@ -528,7 +528,10 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
 
 
 def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:
-    return {p: p.detach().to(HOST, copy=True) for p in model.parameters() if p.dtype == torch.float32}
+    # Only what may train gets a copy: these become the masters as they are.
+    return {
+        p: p.detach().to(HOST, copy=True) for p in model.parameters() if p.dtype == torch.float32 and p.requires_grad
+    }
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
-from tests.helpers.modules import ResumableTinyModule
+from tests.helpers.modules import ResumableTinyModule, quiet_trainer
 
 UNITS, TOTAL, LR, WARMUP = 6, 30, 0.01, 3  # the warm-up from 0 is shorter than a cycle
 
@@ -51,15 +51,11 @@ def run(schedule: str, strategy: Any, tmp_path: Path | None = None, ckpt: Path |
     callbacks: list[Any] = [rates]
     if tmp_path is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13, save_top_k=-1, filename="{step}"))
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         strategy=strategy,
         max_steps=TOTAL,
         callbacks=callbacks,
-        logger=False,
         enable_checkpointing=tmp_path is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         **kwargs,
     )
     trainer.fit(module, ckpt_path=ckpt)
