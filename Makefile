@@ -23,8 +23,9 @@ install: $(VENV)/.installed
 train: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/train.py $(ARGS)
 
-# The benchmark against full fine-tuning and the peers (about 40 min on 2 idle CPU cores):
-# writes experiments/results/benchmark.md and its plots. ARGS="--suite classifier --methods full lora" for a part.
+# The benchmark against full fine-tuning and the peers, rate grid and seeds (several hours on 2 idle CPU cores;
+# resumable): writes experiments/results/benchmark.md and its plots. ARGS="--suite tweets --methods full hift" for a
+# part.
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/benchmark.py $(ARGS)
 

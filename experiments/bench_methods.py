@@ -115,15 +115,18 @@ class MethodRun:
     callbacks: list[Callback] = field(default_factory=list)
     accounting: Accounting = field(default_factory=Accounting)
     description: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+    """Settings the method derived at run time (BAdam's switching interval), for the record."""
 
 
 @dataclass(frozen=True)
 class Hyper:
-    """The schedule settings every method of a suite shares, plus the method's own learning rate."""
+    """The schedule settings every method of a suite shares, plus the run's learning rate."""
 
     lr: float
     weight_decay: float
     warmup_ratio: float
+    batch_size: int
 
 
 ModuleMaker = Callable[[nn.Module, Hyper, OptimizerFactory], LightningModule]
@@ -146,7 +149,7 @@ def task_module(task: str) -> ModuleMaker:
     return make
 
 
-def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     """The module, strategy, callbacks and accounting of one method.
 
     Args:
@@ -155,6 +158,7 @@ def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
         hyper: Learning rate, weight decay and warm-up of the run.
         cfg: The method's entry of the config: ``kind`` and the kind's own settings.
         seed: The run's seed (HiFT's random order, LISA's layer draws).
+        examples: Training examples (BAdam's advice on how long a block stays active depends on them).
 
     Raises:
         ValueError: ``cfg.kind`` is not one of :data:`KINDS`.
@@ -171,20 +175,21 @@ def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
     }
     if cfg.kind not in builders:
         raise ValueError(f"Unknown method kind={cfg.kind!r} in the benchmark config; use one of {sorted(builders)}.")
-    return builders[cfg.kind](task=task, model=model, hyper=hyper, cfg=cfg, seed=seed)
+    return builders[cfg.kind](task=task, model=model, hyper=hyper, cfg=cfg, seed=seed, examples=examples)
 
 
-def _full(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _full(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     module = task_module(task)(model, hyper, torch.optim.AdamW)
     return MethodRun(module, description="AdamW over every parameter, every step (Lightning's default strategy)")
 
 
-def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     module = task_module(task)(model, hyper, torch.optim.AdamW)
-    strategy = HiFTStrategy(
-        layers_per_block=cfg.layers_per_block, order=cfg.order, seed=seed, optimizer_state=cfg.optimizer_state
-    )
-    blocks = len(partition(model, cfg.layers_per_block))
+    # Only what the entry sets; everything else is the package's default.
+    settings = {key: cfg[key] for key in ("layers_per_block", "order", "optimizer_state", "lr_scale") if key in cfg}
+    strategy = HiFTStrategy(seed=seed, **settings)
+    blocks = len(partition(model, strategy.layers_per_block))
+    scale = f"{blocks}x" if strategy.lr_scale == "blocks" else f"{strategy.lr_scale}x"
     return MethodRun(
         module,
         strategy,
@@ -192,8 +197,9 @@ def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
         callbacks=[HiFTCallback(log_memory=False)],
         accounting=HiFTAccounting(),
         description=(
-            f"HiFTStrategy with AdamW: {blocks} blocks of {cfg.layers_per_block} unit(s), {cfg.order},"
-            f" optimizer_state={cfg.optimizer_state}, lr_update=cycle"
+            f"HiFTStrategy with AdamW: {blocks} blocks of {strategy.layers_per_block} unit(s), {strategy.order},"
+            f" optimizer_state={strategy.optimizer_state_mode}, lr_update={strategy.lr_update},"
+            f" lr_scale={strategy.lr_scale!r} (each update at {scale} the rate)"
         ),
     )
 
@@ -201,7 +207,7 @@ def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
 # BAdam ------------------------------------------------------------------------------------------------------------
 
 
-def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     from badam import BlockOptimizer
 
     class LightningBlockOptimizer(BlockOptimizer):  # type: ignore[misc]  # badam ships no type information
@@ -237,6 +243,9 @@ def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int
             self.step_master_bytes = max(self.step_master_bytes, sum(copy.nbytes for copy in copies))
 
     units = partition(model, layers_per_block=1)
+    switch_every = cfg.switch_block_every
+    if switch_every == "auto":  # BAdam's advice: K = min(max(n / (B * D), 50), 100)
+        switch_every = min(max(examples // (hyper.batch_size * len(units)), 50), 100)
     # The task head: parameters outside the base model (a classifier's `classifier.*`; none for a tied LM head).
     base_prefix = f"{getattr(model, 'base_model_prefix', '')}."
     head = [name for name, _ in model.named_parameters() if not name.startswith(base_prefix)]
@@ -252,7 +261,7 @@ def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int
                 base_optimizer=base,
                 named_parameters_list=list(model.named_parameters()),
                 block_prefix_list=block_prefixes,
-                switch_block_every=cfg.switch_block_every,
+                switch_block_every=switch_every,
                 switch_mode=cfg.switch_mode,
                 active_modules=head,
                 verbose=0,
@@ -262,9 +271,12 @@ def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int
     return MethodRun(
         module,
         accounting=BAdamAccounting(),
+        facts={"switch_every": switch_every},
         description=(
             f"badam.BlockOptimizer over AdamW: {len(units)} blocks (the HiFT units), switch every"
-            f" {cfg.switch_block_every} step(s), {cfg.switch_mode}; the head ({len(head)} tensors) always trains,"
+            f" {switch_every} step(s)"
+            + (" (BAdam's advice min(max(n / (batch * blocks), 50), 100))" if cfg.switch_block_every == "auto" else "")
+            + f", {cfg.switch_mode}; the head ({len(head)} tensors) always trains,"
             " as BAdam advises for a freshly initialised head; at each switch BAdam drops the optimizer state, copies"
             " the new block to fp32 and runs gc.collect()"
         ),
@@ -373,7 +385,7 @@ class LisaAccounting(Accounting):
         return self.callback.device_state_bytes()
 
 
-def _lisa(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _lisa(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     callback = LisaCallback(cfg.layers, cfg.interval, seed, cfg.optimizer_state)
     module = task_module(task)(model, hyper, torch.optim.AdamW)
     return MethodRun(
@@ -391,7 +403,7 @@ def _lisa(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
 # LoRA, GaLore, AdaLomo -------------------------------------------------------------------------------------------
 
 
-def _lora(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _lora(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     from peft import LoraConfig, TaskType, get_peft_model
 
     peft_task = {"classifier": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}[task]
@@ -415,7 +427,7 @@ def _lora(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int)
     )
 
 
-def _galore(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _galore(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     from galore_torch import GaLoreAdamW
 
     layers = [unit for unit in find_units(model) if unit.name not in (EMBEDDINGS, OUTPUT)]
@@ -531,7 +543,7 @@ class AdaLomoAccounting(Accounting):
         return sum(tensor.nbytes for table in factored for tensor in table.values()), 0
 
 
-def _adalomo(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int) -> MethodRun:
+def _adalomo(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     cls = {"classifier": FusedBackwardClassifier, "causal_lm": FusedBackwardLanguageModel}[task]
     module = cls(model, lr=hyper.lr, weight_decay=0.0, warmup_ratio=hyper.warmup_ratio)
     return MethodRun(

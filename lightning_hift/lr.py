@@ -15,12 +15,19 @@ user's schedulers stay stock torch schedulers; only *when* Lightning steps the s
     No delay: Lightning steps the schedulers as usual.
 
 Epoch-interval schedulers and ReduceLROnPlateau are left to Lightning in every mode.
+
+Separately, ``lr_scale`` multiplies the rates for the length of each update (:func:`scaled`): a block trains in
+1/k of the steps, so at a full fine-tuning recipe's rate it would move about k times less over a run than under full
+fine-tuning. The schedulers and checkpoints only ever see the configured rates.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_hift.errors import HiFTConfigError
@@ -28,9 +35,11 @@ from lightning_hift.errors import HiFTConfigError
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.types import LRSchedulerConfig
+    from torch.optim import Optimizer
 
 LRUpdate = Literal["cycle", "stretched", "step"]
 MODES: tuple[str, ...] = ("cycle", "stretched", "step")
+LRScale = Literal["blocks"] | float
 
 # Lightning steps a step-interval scheduler when `(batch_idx + 1) % frequency == 0`; with this frequency it never
 # does, and the scheduler keeps interval="step" so LearningRateMonitor still logs it every step.
@@ -40,6 +49,32 @@ _NEVER = sys.maxsize
 def check_mode(mode: str) -> None:
     if not isinstance(mode, str) or mode not in MODES:
         raise HiFTConfigError(f"Unknown lr_update={mode!r}. Choose one of {list(MODES)}.")
+
+
+def check_scale(scale: object) -> None:
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if scale != "blocks" and not (number and math.isfinite(scale) and scale > 0):  # type: ignore[arg-type]
+        raise HiFTConfigError(
+            f"lr_scale must be 'blocks' (multiply the learning rate by the number of blocks) or a positive number"
+            f" (1.0 keeps the configured rate), got lr_scale={scale!r}."
+        )
+
+
+@contextmanager
+def scaled(optimizer: Optimizer, factor: float) -> Iterator[None]:
+    """Multiply every param group's learning rate by ``factor`` inside the block; the configured rates come back
+    after it, exactly (the objects themselves), also when it raises."""
+    if factor == 1.0:
+        yield
+        return
+    configured = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for group, rate in zip(optimizer.param_groups, configured, strict=True):
+            group["lr"] = rate * factor
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, configured, strict=True):
+            group["lr"] = rate
 
 
 class DelayedLR:

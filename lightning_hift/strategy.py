@@ -71,6 +71,11 @@ class HiFTStrategyBase(_Strategy):
         on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
             which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
             an error. Either way no non-finite value reaches the weights or the optimizer state.
+        lr_scale: what each step multiplies the optimizer's learning rates by: ``"blocks"`` (the number of
+            blocks, k: a block is trained in 1/k of the steps, so a full fine-tuning recipe's rate moves it about
+            as far over a run as full fine-tuning would) or a number (``1.0``: the rates as configured). The
+            schedulers, checkpoints and ``LearningRateMonitor`` keep the configured rates; only the update uses
+            the scaled ones.
     """
 
     callback_class: ClassVar[type[HiFTCallbackBase]]
@@ -87,6 +92,7 @@ class HiFTStrategyBase(_Strategy):
         layers: LayersSpec = None,
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
+        lr_scale: lr.LRScale = "blocks",
         **strategy_kwargs: Any,
     ) -> None:
         _check_positive_int("layers_per_block", layers_per_block)
@@ -99,6 +105,7 @@ class HiFTStrategyBase(_Strategy):
             raise HiFTConfigError(f"Unknown on_nonfinite={on_nonfinite!r}. Choose 'skip' or 'stop'.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise HiFTConfigError(f"seed must be a whole number, got seed={seed!r}.")
+        lr.check_scale(lr_scale)
         super().__init__(**strategy_kwargs)
         self.layers_per_block = layers_per_block
         self.order = order
@@ -109,6 +116,7 @@ class HiFTStrategyBase(_Strategy):
         self.layers = layers
         self.frozen = check_frozen(frozen)
         self.on_nonfinite = on_nonfinite
+        self.lr_scale = lr_scale
         self.skipped_nonfinite = 0
         self.blocks: list[Block] = []
         self.active_block: int | None = None
@@ -358,10 +366,15 @@ class HiFTStrategyBase(_Strategy):
             calls += 1
             return loss if calls == 1 else closure()
 
-        output = super().optimizer_step(optimizer, closure_ran_first, model, **kwargs)
+        with lr.scaled(optimizer, self.lr_factor()):
+            output = super().optimizer_step(optimizer, closure_ran_first, model, **kwargs)
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
+
+    def lr_factor(self) -> float:
+        """What an update multiplies the optimizer's configured learning rates by (``lr_scale`` resolved)."""
+        return float(len(self.blocks)) if self.lr_scale == "blocks" else float(self.lr_scale)
 
     def _grads_ready(self, block: Block, lightning_skipped: bool) -> bool:
         """Prepare the block's gradients for its update; False when the step must be skipped."""
@@ -479,6 +492,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
         layers: LayersSpec = None,
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
+        lr_scale: lr.LRScale = "blocks",
         *,
         device: _DEVICE | None = None,
         accelerator: Accelerator | None = None,
@@ -495,6 +509,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
             layers=layers,
             frozen=frozen,
             on_nonfinite=on_nonfinite,
+            lr_scale=lr_scale,
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,

@@ -1,8 +1,9 @@
-"""experiments/benchmark.py end to end on tiny random-init models: a few steps per method, records, table, plots.
+"""experiments/benchmark.py end to end on tiny random-init models: a few steps per run, the rate grid, the seeds, the
+records, the tables and the plots.
 
 The real benchmark (MiniLM, SmolLM2, hundreds of steps) stays out of the test suite; this checks the wiring of every
-method, the accounting and the report. Methods run in this process (the driver's children would each spend seconds
-importing torch); one test goes through the child processes as the driver does.
+method, the choice of rate, the accounting, resuming, and the report. Runs happen in this process (the driver's
+children would each spend seconds importing torch); one test goes through the child processes as the driver does.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from tests.helpers.tokenizers import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-PEERS = {"badam_switch1": "badam", "lora": "peft", "galore": "galore_torch", "adalomo": "lomo_optim"}
-CLASSIFIER_METHODS = ["full", "hift_bottom2up_m1_offload", "hift_random_m2_reset", "lisa", *PEERS]
-DECODER_METHODS = ["full", "hift_bottom2up_m4_offload"]
+PEERS = {"badam": "badam", "lora": "peft", "galore": "galore_torch", "adalomo": "lomo_optim"}
+CLASSIFIER_METHODS = ["full", "hift", "hift_m2", "lisa", *PEERS]
+DECODER_METHODS = ["full", "hift"]
 STEPS = 4
+SEEDS = 2
+
+pytestmark = pytest.mark.slow  # about 40 tiny runs, each through a Trainer
 
 
 def installed(method: str) -> bool:
@@ -84,82 +88,129 @@ def one_thread() -> Iterator[None]:
 
 def overrides(tiny_models: dict[str, Path]) -> list[str]:
     return [
-        f"classifier.model={tiny_models['bert']}",
-        "classifier.data.train_size=48",
-        "classifier.data.val_size=8",
-        "classifier.data.test_size=24",
-        "classifier.data.batch_size=4",
-        f"decoder.model={tiny_models['llama']}",
-        "decoder.data.block_size=16",
-        "decoder.data.train_blocks=24",
-        "decoder.data.val_blocks=4",
-        "decoder.data.test_blocks=4",
+        f"tweets.model={tiny_models['bert']}",
+        "tweets.data.train_size=48",
+        "tweets.data.val_size=8",
+        "tweets.data.test_size=24",
+        "tweets.data.batch_size=4",
+        f"tweets.seeds={SEEDS}",
+        f"smollm2.model={tiny_models['llama']}",
+        "smollm2.data.block_size=16",
+        "smollm2.data.train_blocks=24",
+        "smollm2.data.val_blocks=4",
+        "smollm2.data.test_blocks=4",
+        f"smollm2.seeds={SEEDS}",
     ]
+
+
+class InProcess:
+    """Stands in for the driver's child processes: runs each job here and counts them."""
+
+    def __init__(self, bench: ModuleType, config: object) -> None:
+        self.bench = bench
+        self.config = config
+        self.jobs: list[tuple[str, str, float, int]] = []
+
+    def __call__(self, out: Path, suite: str, method: str, lr: float, seed: int) -> None:
+        self.jobs.append((suite, method, lr, seed))
+        self.bench.write_record(out, self.bench.run_one(self.config, suite, method, lr, seed))
+
+
+def drive(bench: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> InProcess:
+    """Run the driver as ``main(argv)`` would, with every run in this process; return what it ran."""
+    args = bench.parse_args(argv)
+    config = bench.prepare(args, argv)
+    runner = InProcess(bench, config)
+    monkeypatch.setattr(bench, "spawn", runner)
+    driver = bench.Driver(args, config)
+    for suite in bench.selected_suites(args):
+        driver.suite(suite, bench.methods_of(config, suite, args.methods))
+    bench.write_report(args.out)
+    return runner
 
 
 @pytest.fixture(scope="module")
 def results(
     bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """Every installed method of both suites, run in this process, and the report written from their records."""
+    """Every installed method of the tweets and SmolLM2 suites, grid and seeds, and the report from their records."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--steps", str(STEPS), "--eval-every", "2", "--out", str(out), "--set", *overrides(tiny_models)]
-    config = bench.prepare(bench.parse_args(argv), argv)
-    runs = {"classifier": CLASSIFIER_METHODS, "decoder": DECODER_METHODS}
-    for suite, methods in runs.items():
-        for method in filter(installed, methods):
-            bench.write_record(out, bench.run_one(config, suite, method))
-    bench.write_report(out)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for suite, methods in {"tweets": CLASSIFIER_METHODS, "smollm2": DECODER_METHODS}.items():
+            argv = ["--suite", suite, "--methods", *filter(installed, methods), "--steps", str(STEPS)]
+            drive(bench, [*argv, "--eval-every", "2", "--out", str(out), "--set", *overrides(tiny_models)], monkeypatch)
     return out
 
 
-def record(out: Path, suite: str, method: str) -> dict:
-    return json.loads((out / "benchmark_runs" / suite / f"{method}.json").read_text())
+def records(out: Path, suite: str, method: str) -> list[dict]:
+    folder = out / "benchmark_runs" / suite / method
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def chosen(out: Path, suite: str, method: str) -> dict:
+    """The first seed's run at the rate the grid chose (the one the other seeds repeat)."""
+    runs = records(out, suite, method)
+    (rate,) = {run["lr"] for run in runs if run["seed"] > 0}
+    return next(run for run in runs if run["seed"] == 0 and run["lr"] == rate)
 
 
 @pytest.mark.parametrize("method", CLASSIFIER_METHODS)
-def test_every_classifier_method_has_a_record_and_a_row(results: Path, report: ModuleType, method: str) -> None:
+def test_every_method_runs_its_grid_then_its_seeds_at_the_best_validation_rate(
+    results: Path, report: ModuleType, method: str
+) -> None:
     if method in PEERS:
         pytest.importorskip(PEERS[method])
-    found = record(results, "classifier", method)
-    assert f"| {report.label(found)} |" in (results / "benchmark.md").read_text()
+    runs = records(results, "tweets", method)
+    text = (results / "benchmark.md").read_text()
+    assert f"| {report.label(runs[0])} |" in text
     if method == "adalomo":
         # lomo_optim allocates AdaLomo's state with .cuda(), so it cannot train a model on the CPU: the run is
-        # reported as unavailable, with the reason, rather than left out.
+        # reported as unavailable, with the reason, once (not once per rate), rather than left out.
+        (found,) = runs
         assert found["status"] == "unavailable"
         assert "lomo_optim/" in found["reason"]
         assert torch.cuda.is_available() or "CUDA" in found["reason"]
         return
-    assert found["status"] == "ok", found.get("reason")
-    assert found["steps"] == STEPS and len(found["loss"]) == STEPS
-    assert [point["step"] for point in found["evals"]] == [0, 2, 4]
-    assert all(point["value"] is not None for point in found["evals"])
-    assert 0 < found["trainable_mean"] <= found["params"]
-    assert found["seconds_per_step"] > 0 and found["peak_rss_bytes"] > 0
+    grid = [run for run in runs if run["seed"] == 0]
+    assert sorted(run["lr"] for run in grid) == sorted(runs[0]["config"]["lr_grid"])
+    best = max(grid, key=lambda run: run["val_score"])  # the first of equals in grid order
+    best = next(run for run in sorted(grid, key=lambda run: run["lr"]) if run["val_score"] == best["val_score"])
+    others = [run for run in runs if run["seed"] > 0]
+    assert [(run["lr"], run["seed"]) for run in others] == [(best["lr"], seed) for seed in range(1, SEEDS)]
+    for found in runs:
+        assert found["status"] == "ok", found.get("reason")
+        assert found["steps"] == STEPS and len(found["loss"]) == STEPS
+        assert [point["step"] for point in found["evals"]] == [0, 2, 4]
+        assert 0.0 <= found["val_score"] <= 1.0
+        assert 0 < found["trainable_mean"] <= found["params"]
+        assert found["seconds_per_step"] > 0 and found["peak_rss_bytes"] > 0
+    # Another seed is another run: its batches come in another order.
+    assert others[0]["loss"] != best["loss"]
 
 
 def test_hift_keeps_less_on_the_device_than_full_fine_tuning(results: Path) -> None:
-    full = record(results, "classifier", "full")
-    hift = record(results, "classifier", "hift_bottom2up_m1_offload")
+    full = chosen(results, "tweets", "full")
+    hift = chosen(results, "tweets", "hift")
     assert hift["device_bytes"] < full["device_bytes"]
     assert hift["trainable_mean"] < full["trainable_mean"] == full["params"]
-    # Offloaded: the blocks that wait keep their state in host memory; reset drops it.
-    assert hift["host_state_bytes"] > 0
-    assert record(results, "classifier", "hift_random_m2_reset")["host_state_bytes"] == 0
+    assert hift["host_state_bytes"] > 0  # offloaded: the blocks that wait keep their state in host memory
+    assert "lr_scale='blocks'" in hift["description"]
 
 
 def test_lisa_trains_embeddings_head_and_two_layers(results: Path) -> None:
-    lisa = record(results, "classifier", "lisa")
-    full = record(results, "classifier", "full")
+    lisa = chosen(results, "tweets", "lisa")
+    full = chosen(results, "tweets", "full")
     # Three layers: two train, so one layer's parameters get no gradient.
     assert lisa["trainable_max"] < full["trainable_max"]
     assert lisa["grad_bytes"] < full["grad_bytes"]
 
 
-def test_badam_drops_its_state_between_blocks(results: Path) -> None:
+def test_badam_switches_at_its_own_advised_interval(results: Path) -> None:
     pytest.importorskip("badam")
-    badam = record(results, "classifier", "badam_switch1")
-    full = record(results, "classifier", "full")
+    badam = chosen(results, "tweets", "badam")
+    full = chosen(results, "tweets", "full")
+    # K = min(max(n / (batch * blocks), 50), 100) with 48 examples in batches of 4 over 5 blocks.
+    assert badam["switch_every"] == 50
     assert 0 < badam["state_bytes"] < full["state_bytes"]
     assert badam["master_bytes"] > 0  # its fp32 copy of the active block
 
@@ -171,9 +222,9 @@ def test_adalomo_runs_under_manual_optimization(
     pytest.importorskip("lomo_optim")
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     args = bench.parse_args(
-        ["--suite", "classifier", "--steps", "3", "--out", str(tmp_path), "--set", *overrides(tiny_models)]
+        ["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), "--set", *overrides(tiny_models)]
     )
-    found = bench.run_one(bench.load_config(args), "classifier", "adalomo")
+    found = bench.run_one(bench.load_config(args), "tweets", "adalomo", 1e-3, 0)
     assert found["status"] == "ok", found.get("reason")
     assert found["steps"] == 3
     assert found["trainable_mean"] == found["params"]
@@ -181,55 +232,110 @@ def test_adalomo_runs_under_manual_optimization(
     assert found["state_bytes"] < found["params"] * 4  # factored second moments
 
 
-def test_decoder_suite_reports_perplexity_before_and_after(results: Path) -> None:
-    full = record(results, "decoder", "full")
-    hift = record(results, "decoder", "hift_bottom2up_m4_offload")
+def test_decoder_suite_scores_perplexity_on_test_and_picks_its_rate_on_validation(results: Path) -> None:
+    full = chosen(results, "smollm2", "full")
+    hift = chosen(results, "smollm2", "hift")
     assert hift["device_bytes"] < full["device_bytes"]
     for found in (full, hift):
         assert [point["step"] for point in found["evals"]] == [0, 2, 4]
         assert found["evals"][-1]["value"] < found["evals"][0]["value"]
-    decoder = (results / "benchmark.md").read_text().split("## Decoder")[1]
-    assert "| full fine-tuning |" in decoder and "| HiFT bottom2up m=4 offload |" in decoder
-    assert "val ppl after 4 steps" in decoder
+        grid = [run for run in records(results, "smollm2", found["method"]) if run["seed"] == 0]
+        assert found["val_score"] == min(run["val_score"] for run in grid)  # perplexity: lower is better
+    decoder = (results / "benchmark.md").read_text().split("## SmolLM2")[1]
+    assert "| full fine-tuning |" in decoder and "| HiFT (defaults) |" in decoder
+    assert "test after 4 steps" in decoder
 
 
-def test_report_states_where_hift_is_ahead_and_behind_and_draws_the_plots(results: Path, report: ModuleType) -> None:
+def test_report_gives_mean_and_spread_and_draws_the_plots(results: Path) -> None:
     text = (results / "benchmark.md").read_text()
-    assert text.count("### Where HiFT is ahead and where it is behind") == 2
-    assert "Accuracy at equal wall time" in text and "Command: `python experiments/benchmark.py" in text
-    for plot in report.PLOTS.values():
-        assert (results / plot).stat().st_size > 0
-        assert plot in text
+    assert text.count("### Where HiFT with its defaults stands") == 2
+    assert text.count("### Rate chosen on the validation split") == 2
+    assert "Test score at equal wall time" in text and "Command: `python experiments/benchmark.py" in text
+    assert " ± " in text and "Not complete yet" not in text
+    for suite in ("tweets", "smollm2"):
+        for plot in (f"benchmark_{suite}_curves.png", f"benchmark_{suite}_memory.png"):
+            assert (results / plot).stat().st_size > 0
+            assert plot in text
 
 
-def test_report_only_rebuilds_the_same_table(bench: ModuleType, results: Path) -> None:
+def test_report_only_rebuilds_the_same_page(bench: ModuleType, results: Path) -> None:
     before = (results / "benchmark.md").read_text()
     bench.main(["--report-only", "--out", str(results)])
     assert (results / "benchmark.md").read_text() == before
 
 
-def test_driver_runs_each_method_in_its_own_process(
+def test_a_second_sitting_runs_only_what_is_missing_or_stale(
+    bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["--suite", "tweets", "--methods", "full", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path)]
+    settings = ["--set", *overrides(tiny_models), "tweets.methods.full.lr_grid=[1e-4,1e-3]"]
+    first = drive(bench, [*argv, *settings], monkeypatch)
+    assert len(first.jobs) == 2 + (SEEDS - 1)
+    (tmp_path / "benchmark_runs" / "tweets" / "full" / "lr=1e-3-seed=0.json").unlink()  # an interrupted sitting
+    again = drive(bench, [*argv, *settings], monkeypatch)
+    assert again.jobs == [("tweets", "full", 1e-3, 0)]
+    # Other settings make the saved runs stale: they run again rather than mix into one table.
+    changed = drive(bench, [*argv, *settings, "tweets.data.train_size=40"], monkeypatch)
+    assert len(changed.jobs) == 2 + (SEEDS - 1)
+    assert "Not complete yet" not in (tmp_path / "benchmark.md").read_text()
+
+
+def test_a_partial_suite_says_what_is_missing(
+    bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [
+        "--suite",
+        "tweets",
+        "--methods",
+        "full",
+        "hift",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    drive(bench, [*argv, "--set", *overrides(tiny_models)], monkeypatch)
+    (tmp_path / "benchmark_runs" / "tweets" / "hift").joinpath(
+        next(path.name for path in (tmp_path / "benchmark_runs" / "tweets" / "hift").glob("*seed=1.json"))
+    ).unlink()
+    bench.main(["--report-only", "--out", str(tmp_path)])
+    assert (
+        "**Not complete yet**: HiFT (defaults) (3 of 3 rates, 1 of 2 seeds)" in (tmp_path / "benchmark.md").read_text()
+    )
+
+
+def test_driver_runs_each_job_in_its_own_process(
     bench: ModuleType, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    argv = ["--suite", "classifier", "--methods", "hift_bottom2up_m1_offload", "--steps", "2", "--eval-every", "2"]
-    bench.main([*argv, "--out", str(tmp_path), "--set", *overrides(tiny_models), "threads=1"])
-    found = record(tmp_path, "classifier", "hift_bottom2up_m1_offload")
-    assert found["status"] == "ok" and found["threads"] == 1
-    assert found["command"].startswith("python experiments/benchmark.py --suite classifier")
-    assert "| HiFT bottom2up m=1 offload |" in (tmp_path / "benchmark.md").read_text()
+    argv = ["--suite", "tweets", "--methods", "hift", "--steps", "2", "--eval-every", "2"]
+    one_run = ["tweets.seeds=1", "tweets.methods.hift.lr_grid=[1e-4]", "threads=1"]
+    bench.main([*argv, "--out", str(tmp_path), "--set", *overrides(tiny_models), *one_run])
+    (found,) = records(tmp_path, "tweets", "hift")
+    assert found["status"] == "ok" and found["threads"] == 1 and found["lr"] == 1e-4
+    assert found["command"].startswith("python experiments/benchmark.py --suite tweets")
+    assert "| HiFT (defaults) |" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_a_missing_peer_package_is_reported_as_unavailable(
     bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
-    args = bench.parse_args(["--suite", "classifier", "--out", str(tmp_path), "--set", *overrides(tiny_models)])
-    found = bench.run_one(bench.load_config(args), "classifier", "lora")
+    args = bench.parse_args(["--suite", "tweets", "--out", str(tmp_path), "--set", *overrides(tiny_models)])
+    found = bench.run_one(bench.load_config(args), "tweets", "lora", 5e-4, 0)
     assert found["status"] == "unavailable"
     assert "peft" in found["reason"] and "pip install -e '.[bench]'" in found["reason"]
 
 
 def test_unknown_methods_are_named(bench: ModuleType, tmp_path: Path) -> None:
-    args = bench.parse_args(["--suite", "decoder", "--methods", "lora", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"Unknown method\(s\) \['lora'\] for --suite decoder"):
+    args = bench.parse_args(["--suite", "smollm2", "--methods", "adalomo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"Unknown method\(s\) \['adalomo'\] for --suite smollm2"):
         bench.load_config(args)
+
+
+def test_the_verdict_calls_gaps_within_the_seed_spread_level(report: ModuleType) -> None:
+    spread = report.Spread
+    assert report.compare(spread(0.85, 0.01, 3), spread(0.84, 0.02, 3), True, 3).startswith("within the seed spread")
+    assert report.compare(spread(0.80, 0.01, 3), spread(0.84, 0.01, 3), True, 3) == "HiFT behind by 0.040"
+    assert report.compare(spread(20.0, 0.5, 2), spread(25.0, 0.5, 2), False, 1) == "HiFT ahead by 5.0"

@@ -110,10 +110,11 @@ def test_defaults_are_the_main_run() -> None:
     assert cfg.max_steps == cfg.trainer.max_steps == cfg.hift.max_steps
 
 
-def test_hift_trains_longer_at_a_larger_rate_than_full_fine_tuning() -> None:
+def test_hift_takes_the_full_fine_tuning_rate_scaled_by_its_blocks_and_trains_longer() -> None:
     hift, fpft = compose_train("hift=default"), compose_train("hift=fpft")
     assert fpft.trainer.strategy == "auto"
-    assert hift.lr > fpft.lr and hift.max_steps > fpft.max_steps
+    assert hift.lr == fpft.lr and hift.hift.strategy.lr_scale == "blocks"
+    assert hift.max_steps > fpft.max_steps
 
 
 def test_command_line_values_win_over_the_groups() -> None:
@@ -267,7 +268,7 @@ def test_train_runs_and_writes_its_folder(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["metric"] == "test/acc" and 0 <= metrics["test/acc"] <= 1
     assert metrics["steps"] == 2 and metrics["seconds_per_step"] > 0
-    assert metrics["strategy"] == "hift bottom2up m=1"
+    assert metrics["strategy"] == "hift bottom2up m=1 lr x8"
     assert metrics["peak_rss_bytes"] > 0
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert "seconds / step" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The delayed learning rate: a cycle trains at the mean of what the schedule gives its steps."""
+"""The learning rate under HiFT: a cycle trains at the mean of what the schedule gives its steps, and each update
+multiplies the configured rates by ``lr_scale``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.lr import scaled as lr_scaled
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
 from tests.helpers.modules import ResumableTinyModule, quiet_trainer
 
@@ -66,7 +69,9 @@ def run(schedule: str, strategy: Any, tmp_path: Path | None = None, ckpt: Path |
 @pytest.mark.parametrize(("accumulate", "switch_every"), [(1, 1), (2, 1), (1, 2)])
 def test_a_cycle_trains_at_the_mean_of_its_schedule(schedule: str, accumulate: int, switch_every: int) -> None:
     plain, _, _ = run(schedule, "auto", accumulate_grad_batches=accumulate)
-    held, _, trainer = run(schedule, HiFTStrategy(switch_every=switch_every), accumulate_grad_batches=accumulate)
+    # lr_scale=1.0: the rates as the delayed schedule sets them, not multiplied by the number of blocks.
+    strategy = HiFTStrategy(switch_every=switch_every, lr_scale=1.0)
+    held, _, trainer = run(schedule, strategy, accumulate_grad_batches=accumulate)
     assert len(held) == len(plain) == TOTAL
     assert min(held) > 0  # no cycle trains at the warm-up's start value
     assert sum(held) == pytest.approx(sum(plain), rel=0.02)
@@ -96,3 +101,80 @@ def test_stepping_the_schedule_ahead_raises_no_warning_about_the_order() -> None
         warnings.simplefilter("always")
         run("cosine", HiFTStrategy())
     assert not any("lr_scheduler.step()" in str(w.message) for w in caught)
+
+
+# --- lr_scale: what an update multiplies the configured rates by ---------------------------------------------------
+
+
+class UpdateSizes(Callback):
+    """For every optimizer step: the rate the optimizer holds before the step, inside it (where the update's hooks
+    run) and after it, and the step length of the update, |delta| / |grad| over the parameters that had gradients."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.inside: list[float] = []
+        self.after: list[float] = []
+        self.lengths: list[float] = []
+        self._start: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.before.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.inside.append(optimizer.param_groups[0]["lr"])
+        self._start = [(p, p.detach().clone(), p.grad.clone()) for p in pl_module.parameters() if p.grad is not None]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        self.after.append(trainer.optimizers[0].param_groups[0]["lr"])
+        moved = torch.cat([(start - p.detach()).flatten() for p, start, _ in self._start])
+        grads = torch.cat([grad.flatten() for _, _, grad in self._start])
+        self.lengths.append(float(moved.norm() / grads.norm()))
+
+
+def sgd_run(strategy: Any, steps: int = 12) -> UpdateSizes:
+    seed_everything(0)
+    module = ResumableTinyModule(optimizer="sgd", lr=0.01)
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.01)  # type: ignore[method-assign]
+    sizes = UpdateSizes()
+    quiet_trainer(strategy=strategy, max_steps=steps, callbacks=[sizes]).fit(module)
+    return sizes
+
+
+@pytest.mark.parametrize(("lr_scale", "factor"), [("blocks", UNITS), (1.0, 1.0), (2.5, 2.5)])
+def test_each_update_runs_at_the_configured_rate_times_lr_scale(lr_scale: Any, factor: float) -> None:
+    sizes = sgd_run(HiFTStrategy(lr_scale=lr_scale))
+    # Plain SGD moves the parameters by lr * grad: the step's rate is read off the update itself.
+    assert sizes.lengths == pytest.approx([0.01 * factor] * 12, rel=1e-3)
+    # The optimizer holds the configured rate before and after each update, so schedulers, LearningRateMonitor and
+    # checkpoints only ever see it; the hooks inside the update see the rate it uses.
+    assert sizes.before == sizes.after == [0.01] * 12
+    assert sizes.inside == pytest.approx([0.01 * factor] * 12)
+
+
+def test_lr_scale_leaves_the_schedule_as_configured() -> None:
+    one, _, trainer_one = run("warmup-linear", HiFTStrategy(lr_scale=1.0))
+    scaled, _, trainer_scaled = run("warmup-linear", HiFTStrategy(lr_scale="blocks"))
+    assert scaled == pytest.approx([rate * UNITS for rate in one])  # the rate of each update
+    (config_one,), (config_scaled,) = trainer_one.lr_scheduler_configs, trainer_scaled.lr_scheduler_configs
+    assert config_scaled.scheduler.state_dict() == config_one.scheduler.state_dict()
+
+
+def test_a_run_with_lr_scale_resumes_exactly(tmp_path: Path) -> None:
+    _, whole, _ = run("warmup-linear", HiFTStrategy(lr_scale="blocks"), tmp_path)
+    _, resumed, _ = run("warmup-linear", HiFTStrategy(lr_scale="blocks"), ckpt=tmp_path / "step=13.ckpt")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def test_the_configured_rates_come_back_when_the_update_raises() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.3})
+    with pytest.raises(RuntimeError, match="boom"), lr_scaled(optimizer, 4.0):
+        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.4, 1.2])
+        raise RuntimeError("boom")
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.3]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "auto", True, None])
+def test_a_bad_lr_scale_is_refused_with_the_choices(bad: Any) -> None:
+    with pytest.raises(HiFTConfigError, match=r"lr_scale must be 'blocks' .* or a positive number"):
+        HiFTStrategy(lr_scale=bad)

@@ -45,8 +45,8 @@ class CausalLanguageModel(WarmupDecayModule):
     Args:
         model: A causal language model, or a name for :func:`lightning_hift.tasks.models.load_causal_lm`
             (``"smollm2"``, a folder, a hub name).
-        lr: Peak learning rate. Block-wise training (``strategy="hift"``) updates each block only once every
-            few steps, so it wants a larger rate than full fine-tuning.
+        lr: Peak learning rate, a full fine-tuning rate also under ``strategy="hift"``, whose
+            ``lr_scale="blocks"`` multiplies it by the number of blocks in each update.
         weight_decay: Decoupled weight decay of parameters with two or more dimensions.
         warmup_ratio: Fraction of the optimizer steps spent rising linearly to ``lr``; the rest decays linearly.
         optimizer: Builds the optimizer from the parameter groups and ``lr``, e.g.

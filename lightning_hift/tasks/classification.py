@@ -24,8 +24,8 @@ class SequenceClassifier(WarmupDecayModule):
         model: A sequence-classification model, or a name for
             :func:`lightning_hift.tasks.models.load_sequence_classifier` (``"minilm"``, a folder, a hub name).
         num_labels: Number of classes; required when ``model`` is a name, read from the model otherwise.
-        lr: Peak learning rate. Block-wise training (``strategy="hift"``) updates each block only once every
-            few steps, so it wants a larger rate than full fine-tuning (about 2e-4 against 5e-5 for MiniLM).
+        lr: Peak learning rate, a full fine-tuning rate (5e-5 for MiniLM) also under ``strategy="hift"``, whose
+            ``lr_scale="blocks"`` multiplies it by the number of blocks in each update.
         weight_decay: Decoupled weight decay of parameters with two or more dimensions.
         warmup_ratio: Fraction of the optimizer steps spent rising linearly to ``lr``; the rest decays linearly.
         optimizer: Builds the optimizer from the parameter groups and ``lr``, e.g.
