@@ -111,8 +111,9 @@ class Method:
 
     @property
     def seconds_per_step(self) -> float:
-        """The smallest median step time over the method's runs: other work on the machine only slows a run."""
-        return min(record["seconds_per_step"] for record in ok(self.grid + self.runs))
+        """The smallest median step time over the method's runs at its rate (other work on the machine only slows a
+        run down; on a CPU the rate itself can change step times a little, through the values computed)."""
+        return min(record["seconds_per_step"] for record in ok(self.runs or self.grid))
 
     def figure(self, key: str) -> float:
         """A memory or size figure of the runs at the chosen rate (their median)."""
@@ -239,7 +240,8 @@ def protocol() -> list[str]:
         " the sample standard deviation over the seeds.",
         "- *s / step*: a run's median wall time of an optimizer step (from the start of its batch to the end of the"
         " step's work, a method's switching included; evaluation and data loading left out); a method's figure is the"
-        " smallest over its runs, since other work on the machine can only slow a run down. *speed*: full"
+        " smallest over its seeds' runs at its rate, since other work on the machine can only slow a run down. *speed*:"
+        " full"
         " fine-tuning's s / step over the method's (above 1 is faster).",
         "- *test after N steps*: the test score after the last step. *test at T*: at equal wall time, the test score of"
         " the method's last evaluation at or before T seconds of training (its step times s / step), where T is the"
@@ -353,7 +355,11 @@ def grid_table(methods: Sequence[Method], digits: int) -> list[str]:
             value = f"{record['val_score']:.{digits}f}" if record.get("status") == "ok" else record.get("status", "?")
             mark = "**" if record.get("lr") == method.lr else ""
             cells.append(f"{mark}{lr_text(record['lr'])}: {value}{mark}")
-        rows.append([method.label, ", ".join(cells), lr_text(method.lr) if method.lr is not None else "none"])
+        rates = sorted(record["lr"] for record in method.grid)
+        chosen = lr_text(method.lr) if method.lr is not None else "none"
+        if len(rates) > 1 and method.lr in (rates[0], rates[-1]):
+            chosen += " (grid edge)"  # the best rate may lie beyond the grid
+        rows.append([method.label, ", ".join(cells), chosen])
     return table(["method", "rate: validation score", "chosen"], rows)
 
 

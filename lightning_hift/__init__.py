@@ -41,4 +41,4 @@ __all__ = [
     "find_units",
     "partition",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's one version number; pyproject.toml reads it

@@ -52,12 +52,14 @@ def check_mode(mode: str) -> None:
 
 
 def check_scale(scale: object) -> None:
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale != "blocks" and not (number and math.isfinite(scale) and scale > 0):  # type: ignore[arg-type]
-        raise HiFTConfigError(
-            f"lr_scale must be 'blocks' (multiply the learning rate by the number of blocks) or a positive number"
-            f" (1.0 keeps the configured rate), got lr_scale={scale!r}."
-        )
+    if scale == "blocks":
+        return
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0:
+        return
+    raise HiFTConfigError(
+        f"lr_scale must be 'blocks' (multiply the learning rate by the number of blocks) or a positive number"
+        f" (1.0 keeps the configured rate), got lr_scale={scale!r}."
+    )
 
 
 @contextmanager

@@ -71,7 +71,8 @@ class OptimizerStatePlacement:
         self.blocks = blocks
         self.device = device
         self.keys: Callable[[Block], Sequence[Tensor]] = keys or (lambda block: block.params)
-        self._group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+        self._groups_seen: tuple[int, ...] = ()
+        self._group_of: dict[Tensor, dict[str, Any]] = {}
         self.transfer = transfer or Transfer(device)
         self._places: list[Place] = ["absent"] * len(blocks)
         # Optimizers such as Adagrad create their state in __init__ and never again; "reset" must rebuild it.
@@ -141,8 +142,10 @@ class OptimizerStatePlacement:
         param_of = dict(zip(saved_ids, params, strict=True))
         for saved_id, state in state_dict["state"].items():
             p = param_of[saved_id]
-            group = self._group_of[p]
-            target = HOST if self.mode == "offload" else p.device
+            group = self._group(p)
+            # Keep and reset hold state on the compute device; under half precision the keys are fp32 masters
+            # that rest in host memory, so their own device would be the wrong place.
+            target = HOST if self.mode == "offload" else self.device
             self.optimizer.state[p] = {
                 key: _cast_like(value, p, target) if _moves_with_param(key, group) else value
                 for key, value in state.items()
@@ -161,8 +164,18 @@ class OptimizerStatePlacement:
             return "absent"
         return "host" if self.mode == "offload" else "device"
 
+    def _group(self, p: Tensor) -> dict[str, Any]:
+        """The param group holding ``p``. ``Optimizer.load_state_dict`` and ``add_param_group`` replace or add
+        group dicts, so the lookup is rebuilt whenever the groups are not the ones it was built from."""
+        groups = self.optimizer.param_groups
+        seen = tuple(id(group) for group in groups)
+        if seen != self._groups_seen:
+            self._group_of = {q: group for group in groups for q in group["params"]}
+            self._groups_seen = seen
+        return self._group_of[p]
+
     def _movable(self, p: Tensor) -> list[tuple[str, Tensor]]:
-        group = self._group_of[p]
+        group = self._group(p)
         state = self.optimizer.state.get(p, {})
         return [(k, v) for k, v in state.items() if isinstance(v, Tensor) and _moves_with_param(k, group)]
 

@@ -88,6 +88,15 @@ class Transfer:
             copy.record_stream(compute)  # made on the side stream, used and freed on the compute stream
         return copies
 
+    def incoming_bytes(self, kind: str) -> int:
+        """Device bytes of the prefetched copies not taken yet whose tag starts with ``kind`` ("state", "master")."""
+        return sum(
+            copy.nbytes
+            for tag, (_, copies) in self._incoming.items()
+            if isinstance(tag, tuple) and tag[0] == kind
+            for copy in copies.values()
+        )
+
     def synchronize(self) -> None:
         if self.enabled:
             torch.cuda.synchronize(self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory import GIB, estimate_memory, main, snapshot
@@ -29,7 +30,8 @@ PAPER = [
 
 @pytest.fixture(scope="module")
 def llama7b_estimates() -> dict[tuple[str, str], Any]:
-    return {(opt, prec): estimate_memory("llama2-7b", prec, opt) for opt, prec, _, _ in PAPER}
+    # The paper counts the active block only: no prefetched next block.
+    return {(opt, prec): estimate_memory("llama2-7b", prec, opt, prefetch=False) for opt, prec, _, _ in PAPER}
 
 
 @pytest.mark.parametrize(("optimizer", "precision", "fpft", "hift"), PAPER)
@@ -53,6 +55,52 @@ def test_planner_host_side_is_the_offloaded_state_and_masters() -> None:
     assert reset.hift.total("host") == 0
 
 
+@pytest.mark.parametrize(
+    ("precision", "optimizer_state"),
+    [("32-true", "offload"), ("bf16-true", "offload"), ("bf16-true", "reset"), ("32-true", "keep")],
+)
+def test_planner_counts_the_next_block_brought_to_the_device_ahead_of_its_turn(
+    precision: str, optimizer_state: str
+) -> None:
+    """On CUDA the next block's offloaded state and its fp32 masters are copied in while the current block trains."""
+    ahead = estimate_memory("llama2-7b", precision, "adamw", optimizer_state=optimizer_state)
+    alone = estimate_memory("llama2-7b", precision, "adamw", optimizer_state=optimizer_state, prefetch=False)
+    layer = 202_383_360  # the next block is at most the second largest: another decoder layer
+    state = 8 * layer if optimizer_state == "offload" else 0
+    masters = 4 * layer if precision == "bf16-true" else 0
+    assert ahead.hift.get("optimizer_state", "device") - alone.hift.get("optimizer_state", "device") == state
+    assert ahead.hift.get("masters", "device") - alone.hift.get("masters", "device") == masters
+    assert ahead.hift.total("host") == alone.hift.total("host")
+    assert ahead.fpft.bytes == alone.fpft.bytes
+
+
+class SnapshotWithCopiesInFlight(Callback):
+    """Snapshots once without and once with copies in flight, as ``Transfer.prefetch`` leaves them on CUDA until
+    the block's turn: an event and the device copies, under a ("state" | "master", block) tag."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Any, Any]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, HiFTStrategy) and strategy.placement is not None
+        incoming = strategy.placement.transfer._incoming
+        before = snapshot(strategy)
+        incoming[("state", 1)] = (None, {(0, "exp_avg"): torch.zeros(10)})  # type: ignore[assignment]
+        incoming[("master", 1)] = (None, {0: torch.zeros(6)})  # type: ignore[assignment]
+        self.pairs.append((before, snapshot(strategy)))
+        incoming.clear()  # nothing in flight on this CPU: the next switch must find nothing to take
+
+
+def test_snapshot_counts_the_copies_on_their_way_to_the_device() -> None:
+    probe = SnapshotWithCopiesInFlight()
+    fit(TinyModule(optimizer="adamw"), HiFTStrategy(), max_steps=2, callbacks=[probe])
+    for before, after in probe.pairs:
+        assert after.get("optimizer_state", "device") - before.get("optimizer_state", "device") == 40
+        assert after.get("masters", "device") - before.get("masters", "device") == 24
+        assert after.total("host") == before.total("host")
+
+
 def test_planner_bad_arguments() -> None:
     with pytest.raises(HiFTConfigError, match="precision"):
         estimate_memory("llama2-7b", precision="fp8")
@@ -61,7 +109,7 @@ def test_planner_bad_arguments() -> None:
 
 
 def test_command_line_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["llama2-7b", "--optimizer", "sgd"])
+    main(["llama2-7b", "--optimizer", "sgd", "--no-prefetch"])
     out = capsys.readouterr().out
     assert "50.21" in out and "25.86" in out
 
@@ -86,7 +134,7 @@ def test_snapshot_after_every_step_is_the_active_block_and_agrees_with_the_plann
     assert isinstance(strategy, HiFTStrategy)
     sizes = [block.numel() for block in strategy.blocks]
     total = sum(sizes)
-    estimate = estimate_memory(module, "32-true", "adamw")
+    estimate = estimate_memory(module, "32-true", "adamw", prefetch=False)  # nothing is prefetched on a CPU
     for step, (active, taken) in enumerate(probe.rows):
         assert taken.get("grads", "device") == 4 * sizes[active]
         assert taken.get("optimizer_state", "device") == 8 * sizes[active]

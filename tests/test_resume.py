@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from lightning_hift import partition
+from lightning_hift.blocks import Block
+from lightning_hift.optim_state import OptimizerStatePlacement
+from lightning_hift.transfer import HOST
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
 from tests.helpers.modules import ResumableTinyModule
 
@@ -180,3 +183,16 @@ def test_resuming_an_order_the_seed_does_not_change_accepts_another_seed(tmp_pat
     after = train(tmp_path / "resumed", {"seed": 5}, ckpt_path=tmp_path / "full" / CKPT)
     for name, value in full.items():
         assert torch.equal(value, after[name]), name
+
+
+def test_the_placement_reads_the_param_groups_a_loaded_checkpoint_brought() -> None:
+    """``Optimizer.load_state_dict`` replaces the group dicts: whether the step counter moves with its parameter
+    (capturable or fused optimizers) must be read from the groups the optimizer holds now."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    placement = OptimizerStatePlacement("offload", optimizer, [Block(0, ("layer",), ("w",), (param,))], HOST)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["capturable"] = True
+    optimizer.load_state_dict(saved)
+    optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    assert {key for key, _ in placement._movable(param)} == {"step", "exp_avg", "exp_avg_sq"}

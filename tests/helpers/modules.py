@@ -98,17 +98,7 @@ def fit(
     callbacks: list[Callback] | None = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        max_steps=max_steps,
-        callbacks=callbacks or [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(strategy=strategy, max_steps=max_steps, callbacks=callbacks or [], **trainer_kwargs)
     trainer.fit(module)
     return trainer
 
