@@ -407,7 +407,7 @@ def existing_record(
         return None
     record: dict[str, Any] = json.loads(path.read_text())
     same = _run_settings(record.get("settings", {})) == _run_settings(suite_settings(config, suite))
-    same = same and record.get("config") == method_settings(config, suite, method)
+    same = same and _run_config(record.get("config", {})) == _run_config(method_settings(config, suite, method))
     if same and record.get("status") != "failed":
         return record
     path.unlink()
@@ -417,6 +417,18 @@ def existing_record(
 def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings a run depends on: how many seeds the suite has does not change a run."""
     return {key: value for key, value in settings.items() if key != "seeds"}
+
+
+def drop_off_grid(out: Path, suite: str, method: str, grid: list[float]) -> None:
+    """Delete a method's records at rates its grid no longer has, so that the report shows the grid as configured."""
+    for path in (records_dir(out, suite) / method).glob("*.json"):
+        if float(json.loads(path.read_text())["lr"]) not in grid:
+            path.unlink()
+
+
+def _run_config(entry: dict[str, Any]) -> dict[str, Any]:
+    """The method settings a run depends on: the rest of its grid, and where the grid comes from, do not change it."""
+    return {key: value for key, value in entry.items() if key not in ("lr_grid", "lr_from")}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -466,6 +478,7 @@ class Driver:
         first, *others = range(suite_cfg.seeds)
         chosen: dict[str, float] = {}
         for method in methods:
+            drop_off_grid(self.out, suite, method, [float(lr) for lr in suite_cfg.methods[method].lr_grid])
             grid = []
             for lr in suite_cfg.methods[method].lr_grid:
                 grid.append(self.run(suite, method, float(lr), first))

@@ -85,7 +85,8 @@ class GradientAverager:
 
     Each bucket carries one extra element per parameter, 1 where this process has a gradient for it: after the
     all-reduce it counts the processes that had one. A missing gradient counts as zeros in the average, and a
-    parameter that no process gave a gradient keeps none.
+    parameter that no process gave a gradient keeps none. Gradients are divided by the number of processes before
+    the sum, so that half-precision gradients overflow no sooner than on one process.
 
     Args:
         params: the block's parameters.
@@ -124,6 +125,9 @@ class GradientAverager:
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
         has_grad = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
         flat = torch.cat([*grads, has_grad])
+        # Divided before the sum, as DDP does: a sum of W scaled fp16 gradients overflows W times sooner than their
+        # average. The presence flags are summed as they are, into counts.
+        flat[: -len(bucket)].div_(self.world_size)
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._launched.append((work, flat))
         self.collectives_total += 1
@@ -145,7 +149,7 @@ class GradientAverager:
         params = [p for bucket in self.buckets for p in bucket]
         self.missing_here = any(p.grad is None and n > 0 for p, n in zip(params, had_grad, strict=True))
         for p, grad, n in zip(params, grads, had_grad, strict=True):
-            p.grad = grad.div_(self.world_size).view_as(p) if n > 0 else None
+            p.grad = grad.view_as(p) if n > 0 else None
         self._reset()
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -268,6 +269,37 @@ def test_a_parameter_without_gradient_on_any_process_keeps_none(one_process_grou
     averager.listening = True
     params[0].sum().backward()
     assert averager.collectives_total == 3  # hooks removed
+
+
+def _average_on_two_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Average one parameter's gradient, ``grads[r]`` on rank r, over two gloo ranks run as threads."""
+    store = dist.HashStore()
+    averaged: list[torch.Tensor | None] = [None, None]
+
+    def rank(r: int) -> None:
+        group = dist.ProcessGroupGloo(dist.PrefixStore("average", store), r, 2, timedelta(seconds=30))
+        p = torch.nn.Parameter(torch.zeros_like(grads[r]))
+        averager = GradientAverager([p], bucket_bytes=1 << 20, group=group)
+        p.grad = grads[r].clone()
+        averager.finish()
+        averaged[r] = p.grad
+        averager.close()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return averaged
+
+
+def test_half_precision_gradients_are_divided_before_the_sum() -> None:
+    # Two scaled fp16 gradients of 40000: their sum (80000) is past fp16's largest value (65504), their average is not.
+    grad = torch.full((4,), 40000.0, dtype=torch.float16)
+    for averaged in _average_on_two_ranks([grad, grad]):
+        assert averaged is not None and torch.equal(averaged, grad)
+    mixed = _average_on_two_ranks([torch.full((2,), 3.0), torch.full((2,), 5.0)])
+    assert all(a is not None and torch.equal(a, torch.full((2,), 4.0)) for a in mixed)
 
 
 @pytest.mark.slow
