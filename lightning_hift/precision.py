@@ -25,11 +25,18 @@ from lightning_hift.optim_state import Place
 from lightning_hift.transfer import HOST, Transfer
 
 
-class LossScaler:
-    """Dynamic loss scaling for fp16 gradients: halve on overflow, double after ``growth_interval`` good steps."""
+MAX_LOSS_SCALE = 2.0**15
+"""The largest loss scale: backward starts from the scale itself, and under ``"16-true"`` a module's loss is often an
+fp16 tensor, whose gradient is then the scale in fp16. 2**16 is past fp16's largest value (65504) and would overflow
+at every step; 2**15 is the largest power of two below it."""
 
-    def __init__(self, scale: float = 2.0**16, growth_interval: int = 1000) -> None:
-        self.scale = scale
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 gradients: halve on overflow, double after ``growth_interval`` good steps, up to
+    :data:`MAX_LOSS_SCALE`."""
+
+    def __init__(self, scale: float = MAX_LOSS_SCALE, growth_interval: int = 1000) -> None:
+        self.scale = min(scale, MAX_LOSS_SCALE)
         self.growth_interval = growth_interval
         self.good_steps = 0
 
@@ -40,13 +47,14 @@ class LossScaler:
             return
         self.good_steps += 1
         if self.good_steps % self.growth_interval == 0:
-            self.scale *= 2
+            self.scale = min(self.scale * 2, MAX_LOSS_SCALE)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        # A checkpoint written before the cap may hold 2**16.
+        self.scale, self.good_steps = min(float(state["scale"]), MAX_LOSS_SCALE), int(state["good_steps"])
 
 
 class MasterWeights:
@@ -113,7 +121,8 @@ class MasterWeights:
         self._places[block.index] = "host"
 
     def scale_loss(self, loss: Tensor) -> Tensor:
-        # Scaled in fp32: an fp16 loss times 2**16 would itself overflow before any gradient does.
+        # Multiplied in fp32 so that the scaled loss itself cannot overflow; the gradient that reaches an fp16 loss is
+        # the scale rounded to fp16, which MAX_LOSS_SCALE keeps finite.
         return loss.float() * self.scaler.scale if self.scaler is not None else loss
 
     def grads_to_masters(self, block: Block) -> bool:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_hift.memory import snapshot
+from lightning_hift.precision import MAX_LOSS_SCALE, LossScaler
 from tests.helpers.lightning import (
     Callback,
     HiFTCallback,
@@ -38,9 +39,9 @@ def test_each_precision_trains_with_each_state_mode(precision: str, mode: str) -
     for active, changed in zip(recorder.active, recorder.changed, strict=True):
         assert active is not None
         assert changed <= blocks[active]
-    # Dynamic loss scaling starts high and skips the first step, which overflows fp16; every other step trains.
+    # TinyModule's loss is fp16 under "16-true": a loss scale past fp16's range would skip the first step.
     skipped = [step for step, changed in enumerate(recorder.changed) if not changed]
-    assert skipped == ([0] if precision == "16-true" else [])
+    assert skipped == []
 
 
 class BlowUpAt(TinyModule):
@@ -90,6 +91,19 @@ def test_16_true_loss_scale_halves_on_overflow() -> None:
 
     fit(BlowUpAt(step=2), HiFTStrategy(), 4, [Scale()], precision="16-true")
     assert scales[2] == scales[1] / 2 and scales[3] == scales[2]
+
+
+def test_the_loss_scale_never_grows_past_what_an_fp16_loss_can_carry() -> None:
+    # The gradient reaching an fp16 loss is the scale in fp16: it must stay finite however long training goes well.
+    scaler = LossScaler(growth_interval=1)
+    for _ in range(5):
+        scaler.update(overflow=False)
+        assert torch.tensor(scaler.scale, dtype=torch.float16).isfinite()
+    assert scaler.scale == MAX_LOSS_SCALE == 2.0**15
+    scaler.update(overflow=True)
+    assert scaler.scale == 2.0**14
+    scaler.load_state_dict({"scale": 2.0**16, "good_steps": 3})  # a checkpoint written before the cap
+    assert scaler.scale == MAX_LOSS_SCALE
 
 
 class DanglingUnit(TinyModule):
