@@ -45,6 +45,7 @@ class HiFTCallbackBase(_Callback):
         self._last_global_step = 0
         self._loaded: dict[str, Any] | None = None
         self._masters: MasterWeights | None = None
+        self._final_masters: dict[str, Any] | None = None
         self._optimizer_state_mode = ""
 
     @staticmethod
@@ -70,6 +71,7 @@ class HiFTCallbackBase(_Callback):
             )
         if stage == "fit":
             self.order, self.delayed_lr, self.steps, self._loaded, self._masters = None, None, 0, None, None
+            self._final_masters = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,6 +132,11 @@ class HiFTCallbackBase(_Callback):
         if logs:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
+    def fit_ended(self, masters_state: dict[str, Any] | None) -> None:
+        """Called by the strategy at teardown: keep the masters' values, not the objects that hold device memory."""
+        self._masters = None
+        self._final_masters = masters_state
+
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.delayed_lr is not None:
@@ -156,6 +163,8 @@ class HiFTCallbackBase(_Callback):
         masters = self._masters
         if masters is not None:
             state["masters"] = masters.state_dict()
+        elif self._final_masters is not None:  # saved after the fit (trainer.save_checkpoint)
+            state["masters"] = self._final_masters
         return state
 
     @override

@@ -451,6 +451,12 @@ class HiFTStrategyBase(_Strategy):
     def teardown(self) -> None:
         if self.placement is not None:
             self.deactivate()
+            # Nothing of the fit may keep device memory once Lightning has moved the model and the optimizer state
+            # to the host: the prefetched next block goes, and so do the objects that reference it. The callback
+            # keeps the masters' values (host tensors) so that a checkpoint saved after the fit stays exact.
+            self.placement.transfer.close()
+            if self.callback is not None:
+                self.callback.fit_ended(self.masters.state_dict() if self.masters is not None else None)
             self.placement = None
             self.masters = None
         # Hand the model back with the trainable flags it came with.

@@ -100,3 +100,10 @@ class Transfer:
     def synchronize(self) -> None:
         if self.enabled:
             torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Wait for copies in flight and let go of the prefetched device copies and the pinned buffers (at the end of
+        a fit: the tensors that still use a buffer keep it alive)."""
+        self.synchronize()
+        self._incoming.clear()
+        self._buffers.clear()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,6 +107,29 @@ def test_the_loss_scale_never_grows_past_what_an_fp16_loss_can_carry() -> None:
     assert scaler.scale == 2.0**14
     scaler.load_state_dict({"scale": 2.0**16, "good_steps": 3})  # a checkpoint written before the cap
     assert scaler.scale == MAX_LOSS_SCALE
+
+
+def test_after_the_fit_no_hift_object_holds_memory_and_a_saved_checkpoint_keeps_the_masters(tmp_path: Path) -> None:
+    # On CUDA the masters' placement and the transfer hold the prefetched next block on the device: after fit they
+    # must be unreachable. The masters' values stay, so that trainer.save_checkpoint after the fit is exact.
+    seen: dict[str, list[Any]] = {}
+
+    class Grab(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            strategy: Any = trainer.strategy
+            fit_objects = [strategy.masters, strategy.placement, strategy.placement.transfer]
+            seen["objects"] = [weakref.ref(obj) for obj in fit_objects]
+            seen["masters"] = [m.detach().clone() for b in strategy.blocks for m in strategy.masters.masters(b)]
+
+    trainer = fit(TinyModule(lr=1e-2), HiFTStrategy(), UNITS + 2, [Grab()], precision="bf16-true")
+    gc.collect()
+    assert [ref() for ref in seen["objects"]] == [None, None, None]
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    checkpoint = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)
+    (hift_state,) = [state for key, state in checkpoint["callbacks"].items() if "HiFTCallback" in key]
+    saved = hift_state["masters"]["masters"]
+    assert len(saved) == len(seen["masters"])
+    assert all(torch.equal(a, b) for a, b in zip(saved, seen["masters"], strict=True))
 
 
 class DanglingUnit(TinyModule):
