@@ -196,3 +196,21 @@ def test_the_placement_reads_the_param_groups_a_loaded_checkpoint_brought() -> N
     optimizer.load_state_dict(saved)
     optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
     assert {key for key, _ in placement._movable(param)} == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize(("mode", "place"), [("keep", "meta"), ("reset", "meta"), ("offload", "cpu")])
+def test_a_loaded_checkpoint_puts_the_state_where_the_mode_keeps_it(mode: str, place: str) -> None:
+    """Under half precision the state is keyed by fp32 masters that rest in host memory while the checkpoint loads:
+    keep and reset must load it to the compute device (here "meta", a device that is not the host), not the key's."""
+    master = torch.nn.Parameter(torch.ones(3))  # in host memory, as a waiting master is
+    optimizer = torch.optim.AdamW([master])
+    master.grad = torch.ones(3)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    optimizer.state.clear()
+    block = Block(0, ("layer",), ("w",), (master,))
+    placement = OptimizerStatePlacement(mode, optimizer, [block], torch.device("meta"))
+    placement.load(saved)
+    state = optimizer.state[master]
+    assert state["exp_avg"].device.type == place and state["exp_avg_sq"].device.type == place
+    assert state["step"].device.type == "cpu"  # torch keeps the step counter on the host
