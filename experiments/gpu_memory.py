@@ -8,16 +8,20 @@ with one layer per block and offloaded optimizer state) a random-init LLaMA of t
 whole HiFT cycle (k optimizer steps, k = number of blocks) on random tokens with AdamW, and the peak of
 ``torch.cuda.max_memory_allocated`` over those steps is printed beside the planner's model-state estimate
 (``lightning_hift.estimate_memory``, which leaves activations out) and the paper's totals for LLaMA-2-7B. A run
-that does not fit prints OOM. Writes the table to ``--out`` as Markdown.
+that does not fit prints OOM. Each (precision, method) runs in its own process, and the Markdown table at ``--out``
+is rewritten after each, so a run stopped half-way keeps its finished rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -83,14 +87,60 @@ def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -
         trainer.fit(module)
     except torch.OutOfMemoryError:
         return None
-    finally:
-        del module, trainer
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()  # between runs only, never inside a training loop
     if args.device == "cuda":
         return float(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+    return host_peak()
+
+
+def host_peak() -> float:
+    """The process's peak resident host memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """``--run-one PRECISION/METHOD``: one measurement in this process, printed as a JSON line."""
+    precision, method = args.run_one.split("/")
+    peak = measure(args, precision, method, steps=args.steps)
+    print(json.dumps({"peak": peak, "host_peak": host_peak()}), flush=True)
+
+
+def spawn(args: argparse.Namespace, precision: str, method: str, steps: int) -> dict[str, Any]:
+    """Measure in a fresh process, so that what one run leaves in host memory (Lightning moves the whole model and
+    optimizer state to the host at teardown; freed pinned memory stays cached) cannot kill the next."""
+    options = ["--shape", args.shape, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    command = [sys.executable, __file__, "--run-one", f"{precision}/{method}", "--steps", str(steps), *options]
+    child = subprocess.run([*command, "--device", args.device], stdout=subprocess.PIPE, text=True, check=False)
+    results = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not results:
+        return {"failed": f"exit code {child.returncode}" + (" (killed: host memory?)" if child.returncode < 0 else "")}
+    result: dict[str, Any] = json.loads(results[-1])
+    return result
+
+
+def write_table(args: argparse.Namespace, planner: Any, rows: list[tuple[Any, ...]]) -> str:
+    place = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak RSS of the process)"
+    lines = [
+        f"Shape {args.shape} ({planner.num_params / 1e6:,.0f} M params, {planner.num_blocks} blocks), batch"
+        f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps; {place}."
+        " Each row runs in its own process.",
+        "",
+        "| precision | method | measured peak GiB | planner model states GiB | paper total GiB | host peak GiB"
+        " | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for precision, method, result, planned, paper, seconds in rows:
+        if "failed" in result:
+            measured, host = result["failed"], ""
+        else:
+            measured = "OOM" if result["peak"] is None else f"{result['peak'] / GIB:.2f}"
+            host = f"{result['host_peak'] / GIB:.2f}"
+        reported = "" if paper is None else f"{paper:.2f}"
+        cells = [precision, method, measured, f"{planned / GIB:.2f}", reported, host, f"{seconds:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")  # after every row: a long run that stops keeps what it measured
+    return table
 
 
 def main() -> None:
@@ -101,35 +151,27 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/gpu_memory.md"))
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_one:
+        run_one(args)
+        return
     with torch.device("meta"):
         meta_model = LlamaForCausalLM(SHAPES[args.shape])
-    rows = []
+    rows: list[tuple[Any, ...]] = []
+    table = ""
     for precision in args.precisions:
         planner = estimate_memory(meta_model, precision, "adamw")
         for method in ("fpft", "hift"):
             started = time.perf_counter()
-            peak = measure(args, precision, method, steps=planner.num_blocks)
+            result = spawn(args, precision, method, steps=planner.num_blocks)
             planned = (planner.fpft if method == "fpft" else planner.hift).total("device")
             paper = PAPER_7B.get((precision, method)) if args.shape == "7b" else None
-            rows.append((precision, method, peak, planned, paper, time.perf_counter() - started))
+            rows.append((precision, method, result, planned, paper, time.perf_counter() - started))
             print(rows[-1], flush=True)
-    place = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak RSS of the process)"
-    lines = [
-        f"Shape {args.shape} ({planner.num_params / 1e6:,.0f} M params, {planner.num_blocks} blocks), batch"
-        f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps; {place}.",
-        "",
-        "| precision | method | measured peak GiB | planner model states GiB | paper total GiB | seconds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for precision, method, peak, planned, paper, seconds in rows:
-        measured = "OOM" if peak is None else f"{peak / GIB:.2f}"
-        reported = "" if paper is None else f"{paper:.2f}"
-        lines.append(f"| {precision} | {method} | {measured} | {planned / GIB:.2f} | {reported} | {seconds:.0f} |")
-    table = "\n".join(lines)
+            table = write_table(args, planner, rows)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ class MemoryBreakdown:
     """Bytes by (kind, place); kinds are :data:`KINDS`, places are :data:`PLACES`."""
 
     bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    pinned: int = 0
+    """Page-locked host bytes (CUDA): what the host's offloaded state and masters actually pin, padding included."""
 
     def add(self, kind: str, place: str, nbytes: int) -> None:
         self.bytes[(kind, place)] = self.bytes.get((kind, place), 0) + int(nbytes)
@@ -63,8 +65,10 @@ class MemoryBreakdown:
         return sum(n for (_, where), n in self.bytes.items() if place is None or where == place)
 
     def as_metrics(self, prefix: str = "hift/mem/") -> dict[str, float]:
-        """Flat ``{prefix}{kind}_{place}`` bytes for a logger, every kind and place present."""
-        return {f"{prefix}{kind}_{place}": float(self.get(kind, place)) for kind in KINDS for place in PLACES}
+        """Flat ``{prefix}{kind}_{place}`` bytes for a logger, every kind and place present, and
+        ``{prefix}pinned_host``."""
+        metrics = {f"{prefix}{kind}_{place}": float(self.get(kind, place)) for kind in KINDS for place in PLACES}
+        return metrics | {f"{prefix}pinned_host": float(self.pinned)}
 
 
 @dataclass
@@ -218,6 +222,7 @@ def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
         # The next block's copies already on their way to the device (CUDA), beside their host originals.
         breakdown.add("optimizer_state", "device", placement.transfer.incoming_bytes("state"))
         breakdown.add("masters", "device", placement.transfer.incoming_bytes("master"))
+        breakdown.pinned = placement.transfer.pinned_bytes
     if masters is not None:
         for block in strategy.blocks:
             nbytes = sum(master.nbytes for master in masters.masters(block))

@@ -111,11 +111,11 @@ class OptimizerStatePlacement:
 
     def to_rest(self, block: Block) -> None:
         """Send the block's state to where it waits: host memory, nowhere, or the device."""
-        for p in self.keys(block):
-            if self.mode == "reset":
+        if self.mode == "reset":
+            for p in self.keys(block):
                 self.optimizer.state.pop(p, None)
-            elif self.mode == "offload" and self.moves_memory:
-                self._to_host(p)
+        elif self.mode == "offload" and self.moves_memory:
+            self._to_host(block)
         self._places[block.index] = self._rest_place(block)
 
     def drop(self, blocks: Sequence[Block]) -> int:
@@ -136,6 +136,7 @@ class OptimizerStatePlacement:
         ``Optimizer.load_state_dict`` would first copy every state tensor to its parameter's device: the
         whole-model peak that offloading exists to avoid. Here each tensor goes to its resting place directly.
         """
+        self.transfer.discard("state")
         self.optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.optimizer.param_groups)
@@ -150,9 +151,9 @@ class OptimizerStatePlacement:
                 key: _cast_like(value, p, target) if _moves_with_param(key, group) else value
                 for key, value in state.items()
             }
-            if self.mode == "offload" and self.moves_memory:
-                self._to_host(p)
         for block in self.blocks:
+            if self.mode == "offload" and self.moves_memory:
+                self._to_host(block)  # into the block's pinned buffer
             self._places[block.index] = self._rest_place(block)
 
     def synchronize(self) -> None:
@@ -179,10 +180,15 @@ class OptimizerStatePlacement:
         state = self.optimizer.state.get(p, {})
         return [(k, v) for k, v in state.items() if isinstance(v, Tensor) and _moves_with_param(k, group)]
 
-    def _to_host(self, p: Tensor) -> None:
-        state = self.optimizer.state.get(p, {})
-        for key, value in self._movable(p):
-            state[key] = self.transfer.to_host(p, key, value)
+    def _to_host(self, block: Block) -> None:
+        values = {(id(p), key): value for p in self.keys(block) for key, value in self._movable(p)}
+        if not values:
+            return
+        host = self.transfer.to_host(("state", block.index), values)
+        for p in self.keys(block):
+            state = self.optimizer.state.get(p, {})
+            for key, _ in self._movable(p):
+                state[key] = host[(id(p), key)]
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {

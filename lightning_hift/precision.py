@@ -24,7 +24,6 @@ from lightning_hift.blocks import Block
 from lightning_hift.optim_state import Place
 from lightning_hift.transfer import HOST, Transfer
 
-
 MAX_LOSS_SCALE = 2.0**15
 """The largest loss scale: backward starts from the scale itself, and under ``"16-true"`` a module's loss is often an
 fp16 tensor, whose gradient is then the scale in fp16. 2**16 is past fp16's largest value (65504) and would overflow
@@ -93,6 +92,7 @@ class MasterWeights:
                 value = full if full is not None else p.detach().to(HOST, torch.float32, copy=True)
                 master = nn.Parameter(value, requires_grad=False)
                 self._master[id(p)] = master
+            self._to_pinned(block)  # on CUDA, so that the first copy to the device overlaps compute
         self._substitute(optimizer)
 
     def masters(self, block: Block) -> list[nn.Parameter]:
@@ -117,8 +117,14 @@ class MasterWeights:
     def to_host(self, block: Block) -> None:
         for master in self.masters(block):
             master.grad = None
-            master.data = self.transfer.to_host(master, "master", master.data)
+        self._to_pinned(block)
         self._places[block.index] = "host"
+
+    def _to_pinned(self, block: Block) -> None:
+        masters = self.masters(block)
+        host = self.transfer.to_host(("master", block.index), {id(m): m.data for m in masters})
+        for master in masters:
+            master.data = host[id(master)]
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         # Multiplied in fp32 so that the scaled loss itself cannot overflow; the gradient that reaches an fp16 loss is
@@ -168,6 +174,7 @@ class MasterWeights:
         mine = [m for block in self.blocks for m in self.masters(block)]
         if len(saved) != len(mine) or any(s.shape != m.shape for s, m in zip(saved, mine, strict=False)):
             raise ValueError("The checkpoint's fp32 master weights do not match this model's blocks.")
+        self.transfer.discard("master")
         with torch.no_grad():
             for s, m in zip(saved, mine, strict=True):
                 m.copy_(s)
