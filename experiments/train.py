@@ -18,6 +18,7 @@ import os
 # Set before transformers is imported: it reads the switch once, and the offline models must never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util
 import logging
 import warnings
 from pathlib import Path
@@ -53,6 +54,23 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
+def progress_bars(cfg: DictConfig) -> list[Callback]:
+    """Lightning's Rich bar, but naming the epoch alone when ``max_steps`` bounds the run: Lightning then sets
+    ``max_epochs=-1`` and its bar reads "Epoch 2/-2"."""
+    if not cfg.trainer.get("enable_progress_bar", True) or importlib.util.find_spec("rich") is None:
+        return []
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepBoundedRichBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            description: str = super()._get_train_description(current_epoch)
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+                description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+            return description
+
+    return [StepBoundedRichBar()]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train and test as ``cfg`` says; return the metric a sweep optimises (``cfg.metric``)."""
@@ -71,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data: LightningDataModule = instantiate(cfg.task.data)
     module = build_module(cfg.task.module, data)
     timer = StepTimer()
-    callbacks = [timer, *build_callbacks(cfg.get("callbacks"))]
+    callbacks = [timer, *progress_bars(cfg), *build_callbacks(cfg.get("callbacks"))]
     trainer: Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

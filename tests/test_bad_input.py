@@ -1,11 +1,13 @@
 """Bad input fails before the first optimizer step with a message that names what to change.
 
 One table: strategy arguments, model, Trainer set-up, data, checkpoint and Hydra configuration. Every case that
-reaches ``trainer.fit`` also checks that no step was taken and no parameter changed.
+reaches ``trainer.fit`` also checks that no step was taken, no parameter changed and a refused checkpoint is left
+as it was.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,8 @@ from tests.helpers.lightning import (
     HiFTDDPStrategy,
     HiFTStrategy,
     ModelCheckpoint,
-    Trainer,
 )
-from tests.helpers.modules import TinyModule
+from tests.helpers.modules import TinyModule, quiet_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -67,16 +68,11 @@ def fit_fails(
 ) -> None:
     """Fit; the caller expects an exception. Afterwards: no optimizer step, no parameter changed."""
     start = torch.load(ckpt_path, weights_only=True)["global_step"] if ckpt_path else 0
+    written = ckpt_path.read_bytes() if ckpt_path else b""
     module = make_module()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
-    trainer = Trainer(
-        accelerator="cpu",
-        strategy=strategy if strategy is not None else HiFTStrategy(),
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        **trainer_kwargs,
+    trainer = quiet_trainer(
+        strategy=strategy if strategy is not None else HiFTStrategy(), max_steps=4, **trainer_kwargs
     )
     try:
         trainer.fit(module, ckpt_path=ckpt_path)
@@ -85,18 +81,15 @@ def fit_fails(
         if ckpt_path is None:
             for name, p in module.named_parameters():
                 assert torch.equal(p, before[name]), name
+        else:
+            assert ckpt_path.read_bytes() == written  # the checkpoint that was refused is left as it was
 
 
 def checkpoint(tmp_path: Path, **strategy: Any) -> Path:
     """A checkpoint written by a short HiFT run with the given strategy arguments."""
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer = Trainer(
-        accelerator="cpu",
-        strategy=HiFTStrategy(**strategy),
-        max_steps=2,
-        callbacks=[saver],
-        logger=False,
-        enable_progress_bar=False,
+    trainer = quiet_trainer(
+        strategy=HiFTStrategy(**strategy), max_steps=2, callbacks=[saver], enable_checkpointing=True
     )
     trainer.fit(TinyModule())
     return tmp_path / "step=2.ckpt"
@@ -223,5 +216,13 @@ def test_bad_input(case: str, tmp_path: Path) -> None:
         action(tmp_path)
 
 
-def test_the_table_is_long_enough() -> None:
-    assert len(CASES) >= 15
+FIX = re.compile(r"\b(Pass|Use|Choose|Remove|Set|Build|Resume|Freeze|Give|Name|Add|Move|Keep|Install|Lower)\b")
+"""The imperative that opens a HiFT error's instruction: what the user should do instead."""
+
+
+@pytest.mark.parametrize("case", [case for case, (_, error, _) in CASES.items() if error is HiFTConfigError])
+def test_every_hift_error_says_what_to_do_instead(case: str, tmp_path: Path) -> None:
+    action = CASES[case][0]
+    with pytest.raises(HiFTConfigError) as raised:
+        action(tmp_path)
+    assert FIX.search(str(raised.value)), f"no instruction in: {raised.value}"

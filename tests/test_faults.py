@@ -20,7 +20,7 @@ from tests.helpers.lightning import (
     Trainer,
     seed_everything,
 )
-from tests.helpers.modules import ResumableTinyModule, StepRecorder, TinyModule, fit
+from tests.helpers.modules import ResumableTinyModule, StepRecorder, TinyModule, fit, quiet_trainer
 
 UNITS = 6
 
@@ -81,14 +81,12 @@ def _interrupted_then_resumed(tmp_path: Path, interrupt: Callback, expected: typ
     def run(callbacks: list[Callback], ckpt: Path | None = None) -> dict[str, Tensor]:
         seed_everything(5)
         module = ResumableTinyModule(schedule=(4, 20))
-        trainer = Trainer(
-            accelerator="cpu",
+        trainer = quiet_trainer(
             strategy=HiFTStrategy(order="random"),
             max_steps=20,
             callbacks=callbacks,
-            logger=False,
             default_root_dir=tmp_path / "root",  # Lightning's own epoch-end checkpoints go there
-            enable_progress_bar=False,
+            enable_checkpointing=True,
         )
         trainer.fit(module, ckpt_path=ckpt)
         return {n: p.detach().clone() for n, p in module.named_parameters()}

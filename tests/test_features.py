@@ -21,13 +21,14 @@ from tests.helpers.lightning import (
     HiFTStrategy,
     LearningRateFinder,
     LearningRateMonitor,
+    LightningModule,
     StochasticWeightAveraging,
     Trainer,
     Tuner,
     grad_norm,
     seed_everything,
 )
-from tests.helpers.modules import StepRecorder, TinyModule, fit
+from tests.helpers.modules import StepRecorder, TinyModule, fit, quiet_trainer
 
 UNITS = 6  # TinyModule: embeddings, four layers, output
 
@@ -58,16 +59,7 @@ def _params(module: nn.Module) -> dict[str, Tensor]:
 
 
 def _trainer(**kwargs: Any) -> Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "strategy": HiFTStrategy(),
-        "max_steps": 2 * UNITS,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return Trainer(**(options | kwargs))
+    return quiet_trainer(**({"strategy": HiFTStrategy(), "max_steps": 2 * UNITS} | kwargs))
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
@@ -171,19 +163,47 @@ class UnusedLayer(GradWatch):
         return nn.functional.cross_entropy(net.head(net.norm(hidden).mean(dim=1)), labels)
 
 
+class LargestGrads(Callback):
+    """The largest gradient entry at each optimizer step: before clipping (the module's gradients, as the hook
+    before the step sees them) and as the optimizer receives it (after clipping)."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.received: list[float] = []
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        trainer.optimizers[0].register_step_pre_hook(self._on_step)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.before.append(_largest(pl_module.parameters()))
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        self.received.append(_largest(p for group in optimizer.param_groups for p in group["params"]))
+
+
+def _largest(params: Any) -> float:
+    return max((p.grad.abs().max().item() for p in params if p.grad is not None), default=0.0)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed", "16-true"])
 @pytest.mark.parametrize("module_class", [NaNAt, UnusedLayer], ids=["nonfinite", "no-grad"])
-def test_clipping_by_value_skips_a_step_with_nothing_to_apply(precision: str, module_class: type) -> None:
-    recorder = StepRecorder()
+def test_clipping_by_value_clips_and_skips_a_step_with_nothing_to_apply(precision: str, module_class: type) -> None:
+    recorder, grads = StepRecorder(), LargestGrads()
     module = module_class()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit(module, HiFTStrategy(), UNITS, [recorder], precision=precision, gradient_clip_val=0.01,
+        fit(module, HiFTStrategy(), UNITS, [recorder, grads], precision=precision, gradient_clip_val=CLIP,
             gradient_clip_algorithm="value")  # fmt: skip
     skipped = 2 if module_class is NaNAt else 3  # the step with NaN gradients; the unused layer's turn
     assert recorder.changed[skipped] == set()
-    if precision != "16-true":  # where fp16 loss scaling may skip a first overflowing step of its own
-        assert all(recorder.changed[i] for i in range(UNITS) if i != skipped)
+    assert all(recorder.changed[i] for i in range(UNITS) if i != skipped)
+    # Every update that ran got gradients clipped to the bound, and the bound did cut some of them.
+    assert len(grads.received) == UNITS - 1
+    assert all(0 < largest <= CLIP for largest in grads.received)
+    assert max(grads.before) > 2 * CLIP
+
+
+CLIP = 0.01
 
 
 def test_grad_norm_in_on_before_optimizer_step_sees_the_active_block_under_half_precision() -> None:

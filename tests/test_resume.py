@@ -13,7 +13,7 @@ from lightning_hift.blocks import Block
 from lightning_hift.optim_state import OptimizerStatePlacement
 from lightning_hift.transfer import HOST
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
-from tests.helpers.modules import ResumableTinyModule
+from tests.helpers.modules import ResumableTinyModule, quiet_trainer
 
 TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epoch and mid-cycle
 CKPT = f"step={CUT}.ckpt"
@@ -25,15 +25,12 @@ def train(tmp_path: Path, strategy: dict[str, Any], ckpt_path: Path | None = Non
     precision = strategy.pop("precision", "32-true")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=CUT, save_top_k=-1, filename="{step}")
     callbacks = [checkpoint, *kwargs.pop("callbacks", [])]
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         strategy=HiFTStrategy(**strategy),
         precision=precision,
         max_steps=TOTAL,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         **kwargs,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -77,15 +74,8 @@ def test_resume_under_half_precision_restores_the_fp32_masters(tmp_path: Path, p
 
 def _fit_from(strategy: Any, ckpt_path: Path | None, max_steps: int, save_to: Path | None = None) -> Trainer:
     callbacks = [ModelCheckpoint(dirpath=save_to, every_n_train_steps=4, filename="{step}")] if save_to else []
-    trainer = Trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=save_to is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        strategy=strategy, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=save_to is not None
     )
     trainer.fit(ResumableTinyModule(), ckpt_path=ckpt_path)
     return trainer

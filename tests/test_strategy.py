@@ -9,7 +9,7 @@ import torch
 
 import lightning_hift
 from tests.helpers.lightning import Callback, HiFTStrategy, Trainer, pl, seed_everything
-from tests.helpers.modules import StepRecorder, TinyModule, fit, warmup_then_linear
+from tests.helpers.modules import StepRecorder, TinyModule, fit, quiet_trainer, warmup_then_linear
 
 # TinyModule has six units: embeddings, four layers, output (norm + head).
 UNITS = 6
@@ -197,14 +197,7 @@ def test_gradient_clipping_goes_through_lightning() -> None:
 
 
 def test_logs_active_block_and_cycle() -> None:
-    trainer = Trainer(
-        accelerator="cpu",
-        strategy="hift",
-        max_steps=UNITS + 1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        logger=False,
-    )
+    trainer = quiet_trainer(strategy="hift", max_steps=UNITS + 1)
     trainer.fit(TinyModule())
     metrics = trainer.callback_metrics
     assert metrics["hift/active_block"].item() == 0

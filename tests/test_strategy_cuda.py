@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hift.memory import snapshot
 from lightning_hift.transfer import ALIGN
 from tests.helpers.lightning import Callback, HiFTStrategy, LightningModule, ModelCheckpoint, Trainer, seed_everything
-from tests.helpers.modules import SkipOnce, TinyModule
+from tests.helpers.modules import SkipOnce, TinyModule, quiet_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,16 +49,7 @@ class PlacementProbe(Callback):
 @pytest.mark.parametrize("optimizer", ["adamw", "adagrad"])
 def test_offloaded_state_is_pinned_host_memory_and_the_active_block_is_on_the_device(optimizer: str) -> None:
     probe = PlacementProbe()
-    trainer = Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy="hift",
-        max_steps=8,
-        callbacks=[probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
+    trainer = quiet_trainer(accelerator="gpu", devices=1, strategy="hift", max_steps=8, callbacks=[probe])
     trainer.fit(TinyModule(optimizer=optimizer))
     assert trainer.strategy.root_device.type == "cuda"
     assert probe.checked > 0
@@ -72,15 +63,8 @@ def test_pinned_buffers_are_allocated_once_and_reused() -> None:
             placement = trainer.strategy.placement  # type: ignore[attr-defined]
             counts.append(len(placement.transfer))
 
-    trainer = Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy="hift",
-        max_steps=18,
-        callbacks=[CountPinnedBuffers()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
+    trainer = quiet_trainer(
+        accelerator="gpu", devices=1, strategy="hift", max_steps=18, callbacks=[CountPinnedBuffers()]
     )
     trainer.fit(TinyModule())
     assert counts[6] == counts[-1] > 0  # after the first cycle (six blocks) no new buffer is pinned
@@ -89,16 +73,13 @@ def test_pinned_buffers_are_allocated_once_and_reused() -> None:
 def _train_on_gpu(mode: str, precision: str, callbacks: list[Callback] | None = None) -> list[torch.Tensor]:
     seed_everything(0)
     module = TinyModule()
-    trainer = Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu",
         devices=1,
         strategy=HiFTStrategy(optimizer_state=mode),
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,
         max_steps=20,
         callbacks=callbacks or [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
     )
     trainer.fit(module)
     return [p.detach().cpu().clone() for p in module.parameters()]
@@ -174,15 +155,14 @@ def _train_wide(mode: str, precision: str, optimizer: str = "adamw", steps: int 
     module = WideModule(optimizer)
     callbacks = [BusyBeforeTheStep(), *trainer.pop("callbacks", [])]
     ckpt_path = trainer.pop("ckpt_path", None)
-    options: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    fit_trainer = Trainer(
+    fit_trainer = quiet_trainer(
         accelerator="gpu",
         devices=1,
         strategy=HiFTStrategy(optimizer_state=mode),
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,
         max_steps=steps,
         callbacks=callbacks,
-        **(options | trainer),
+        **trainer,
     )
     fit_trainer.fit(module, ckpt_path=ckpt_path)
     return [p.detach().cpu().clone() for p in module.parameters()]

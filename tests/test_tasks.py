@@ -11,7 +11,6 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_hift.tasks import (
     SequenceClassifier,
@@ -23,21 +22,9 @@ from lightning_hift.tasks import (
     resolve_model,
 )
 from tests.helpers.modules import quiet_trainer
+from tests.helpers.tiny_models import VOCAB, tiny_bert_classifier
 
-VOCAB_SIZE = 128
-
-
-def tiny_bert(num_labels: int = 2) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-    )
-    config.num_labels = num_labels
-    return BertForSequenceClassification(config)
+VOCAB_SIZE = VOCAB
 
 
 class RandomTokens(LightningDataModule):
@@ -85,7 +72,7 @@ def test_warmup_then_linear_decay() -> None:
 
 
 def test_weight_decay_only_on_matrices() -> None:
-    model = tiny_bert()
+    model = tiny_bert_classifier()
     decayed, plain = decay_param_groups(model.named_parameters(), weight_decay=0.1)
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
@@ -93,7 +80,7 @@ def test_weight_decay_only_on_matrices() -> None:
 
 
 def test_classifier_trains_validates_and_tests() -> None:
-    module = SequenceClassifier(tiny_bert().eval(), lr=1e-3)
+    module = SequenceClassifier(tiny_bert_classifier().eval(), lr=1e-3)
     assert module.model.training, "a pretrained model arrives in eval mode; training must switch dropout on"
     before = [p.detach().clone() for p in module.parameters()]
     timer = StepTimer()
@@ -106,12 +93,29 @@ def test_classifier_trains_validates_and_tests() -> None:
     val = trainer.validate(module, datamodule=RandomTokens(), verbose=False)[0]
     test = trainer.test(module, datamodule=RandomTokens(), verbose=False)[0]
     assert set(val) == {"val/acc", "val/f1", "val/mcc"} and set(test) == {"test/acc", "test/f1", "test/mcc"}
-    assert all(0.0 <= val[name] <= 1.0 for name in ("val/acc", "val/f1"))
-    assert all(-1.0 <= metrics[f"{stage}/mcc"] <= 1.0 for stage, metrics in (("val", val), ("test", test)))
+    # The logged metrics are those of the module's predictions, recomputed here by hand.
+    module.eval()
+    with torch.no_grad():
+        batches = list(RandomTokens().val_dataloader())
+        predicted = torch.cat([module(batch).logits.argmax(dim=-1) for batch in batches])
+    labels = torch.cat([batch["labels"] for batch in batches])
+    assert val["val/acc"] == pytest.approx((predicted == labels).float().mean().item())
+    assert val["val/mcc"] == pytest.approx(matthews(predicted, labels), abs=1e-6)
+    assert test["test/acc"] == val["val/acc"] and test["test/mcc"] == val["val/mcc"]
+
+
+def matthews(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Matthews correlation of two binary label vectors (0 when a row or column of the confusion matrix is empty)."""
+    tp = float(((predicted == 1) & (labels == 1)).sum())
+    tn = float(((predicted == 0) & (labels == 0)).sum())
+    fp = float(((predicted == 1) & (labels == 0)).sum())
+    fn = float(((predicted == 0) & (labels == 1)).sum())
+    denominator = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
 def test_schedule_and_param_groups_reach_the_optimizer() -> None:
-    module = SequenceClassifier(tiny_bert(), lr=1e-3, weight_decay=0.05, warmup_ratio=0.5)
+    module = SequenceClassifier(tiny_bert_classifier(), lr=1e-3, weight_decay=0.05, warmup_ratio=0.5)
     trainer = quiet_trainer(max_steps=4)
     trainer.fit(module, datamodule=RandomTokens())
     optimizer = trainer.optimizers[0]
@@ -124,7 +128,7 @@ def test_schedule_and_param_groups_reach_the_optimizer() -> None:
 
 def test_optimizer_factory_and_partly_frozen_model() -> None:
     # A block-wise strategy leaves most parameters without gradients in a step; the module must not mind.
-    model = tiny_bert()
+    model = tiny_bert_classifier()
     frozen = [p for name, p in model.named_parameters() if not name.startswith("classifier")]
     for param in frozen:
         param.requires_grad_(False)
@@ -135,22 +139,22 @@ def test_optimizer_factory_and_partly_frozen_model() -> None:
     assert isinstance(trainer.optimizers[0], torch.optim.SGD)
     assert trainer.optimizers[0].defaults["momentum"] == 0.9
     assert all(torch.equal(a, b) for a, b in zip(before, frozen, strict=True))
-    assert not torch.equal(model.classifier.weight, tiny_bert().classifier.weight)
+    assert not torch.equal(model.classifier.weight, tiny_bert_classifier().classifier.weight)
 
 
 def test_classifier_argument_errors() -> None:
     with pytest.raises(ValueError, match="pass num_labels"):
         SequenceClassifier("minilm")
     with pytest.raises(ValueError, match="num_labels=3 but the model's head has 2"):
-        SequenceClassifier(tiny_bert(), num_labels=3)
+        SequenceClassifier(tiny_bert_classifier(), num_labels=3)
     with pytest.raises(ValueError, match="warmup_ratio=1"):
-        SequenceClassifier(tiny_bert(), warmup_ratio=1)
+        SequenceClassifier(tiny_bert_classifier(), warmup_ratio=1)
 
 
 def test_unbounded_run_is_rejected() -> None:
     trainer = quiet_trainer(max_steps=-1, max_epochs=-1)
     with pytest.raises(ValueError, match="set max_steps or max_epochs"):
-        trainer.fit(SequenceClassifier(tiny_bert()), datamodule=RandomTokens())
+        trainer.fit(SequenceClassifier(tiny_bert_classifier()), datamodule=RandomTokens())
 
 
 def test_step_timer_without_steps() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from lightning_hift.transfer import ALIGN, BlockBuffer, Transfer, layout
@@ -22,7 +24,7 @@ def test_each_tensor_gets_its_own_aligned_range_and_the_buffer_is_their_exact_si
     slots, nbytes = layout(values)
     ranges = sorted((slot.offset, slot.offset + slot.nbytes) for slot in slots.values())
     assert all(start % ALIGN == 0 for start, _ in ranges)
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(ranges, ranges[1:], strict=False))
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(ranges))
     last = max(ranges, key=lambda r: r[1])
     assert nbytes == last[1]  # no tail: the buffer ends where its last tensor does
     padding = nbytes - sum(value.nbytes for value in values.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import transformers as hf
 from torch import Tensor, nn
 
@@ -117,3 +118,17 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     "albert-seqcls": lambda: hf.AlbertForSequenceClassification(hf.AlbertConfig(**_ALBERT)),
 }
 """Builders of tiny random-init Hugging Face models, base and task-head variants, keyed by a short name."""
+
+
+def tiny_bert_classifier(num_labels: int = 2, num_layers: int = 2) -> hf.BertForSequenceClassification:
+    """The tasks' sequence classifier at the tiny size, with seeded weights."""
+    torch.manual_seed(0)
+    config = hf.BertConfig(**{**_ENCODER, "num_hidden_layers": num_layers})
+    config.num_labels = num_labels
+    return hf.BertForSequenceClassification(config)
+
+
+def tiny_llama_lm(num_layers: int = 2) -> hf.LlamaForCausalLM:
+    """The tasks' causal language model at the tiny size, with seeded weights."""
+    torch.manual_seed(0)
+    return hf.LlamaForCausalLM(hf.LlamaConfig(**{**_DECODER, "num_hidden_layers": num_layers}))
