@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from run_summary import markdown_table
 
 MIB = 2**20
 Record = dict[str, Any]
@@ -191,11 +192,6 @@ def seconds_text(value: float) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.2f} s"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 # --- the report ---------------------------------------------------------------------------------------------------
 
 
@@ -360,7 +356,7 @@ def grid_table(methods: Sequence[Method], digits: int) -> list[str]:
         if len(rates) > 1 and method.lr in (rates[0], rates[-1]):
             chosen += " (grid edge)"  # the best rate may lie beyond the grid
         rows.append([method.label, ", ".join(cells), chosen])
-    return table(["method", "rate: validation score", "chosen"], rows)
+    return markdown_table(["method", "rate: validation score", "chosen"], rows)
 
 
 def results_table(methods: Sequence[Method], cfg: DictConfig, digits: int) -> list[str]:
@@ -403,7 +399,7 @@ def results_table(methods: Sequence[Method], cfg: DictConfig, digits: int) -> li
                 str(final_scores(method).n),
             ]
         )
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def method_notes(methods: Sequence[Method]) -> list[str]:

@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import json
 import logging
-import resource
 import shlex
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
 from bench_report import choose_lr, lr_text, write_report
@@ -252,30 +252,25 @@ def run_key(suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
 
 
 class OtherProcesses:
-    """How many cores other processes kept busy since this object was made, from ``/proc/stat`` (Linux).
+    """How many cores other processes kept busy since this object was made.
 
     Other work stretches step times, badly so when it competes with torch's threads: the report says how busy the
     machine was.
     """
 
     def __init__(self) -> None:
+        self._process = psutil.Process()
         self._start = self._sample()
 
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        stat = Path("/proc/stat")
-        if not stat.is_file():
-            return None
-        ticks = [int(field) for field in stat.read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return time.monotonic(), busy, usage.ru_utime + usage.ru_stime
+    def _sample(self) -> tuple[float, float, float]:
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        own = self._process.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
 
-    def cores(self) -> float | None:
-        """Average cores used by other processes; None where ``/proc/stat`` is missing."""
+    def cores(self) -> float:
+        """Average cores used by other processes."""
         end = self._sample()
-        if self._start is None or end is None:
-            return None
         elapsed = end[0] - self._start[0]
         return max(0.0, ((end[1] - self._start[1]) - (end[2] - self._start[2])) / elapsed) if elapsed > 0 else 0.0
 

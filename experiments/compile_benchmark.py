@@ -39,6 +39,7 @@ import torch
 import torch._dynamo
 import transformers as hf
 from lightning.pytorch import Trainer, seed_everything
+from run_summary import markdown_table
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -153,18 +154,20 @@ def _recompile_limit_hits() -> int:
 
 def table(records: list[dict[str, Any]]) -> str:
     baseline = next((r for r in records if r["run"] == "full / eager"), None)
-    lines = [
-        "| run | median s/step | mean s/step | vs full / eager | warm-up overhead s | graphs compiled |"
-        " recompile limit hit |",
-        "|---|---|---|---|---|---|---|",
+    header = ["run", "median s/step", "mean s/step", "vs full / eager", "warm-up overhead s", "graphs compiled"]
+    rows = [
+        [
+            r["run"],
+            f"{r['median']:.3f}",
+            f"{r['mean']:.3f}",
+            f"{r['median'] / baseline['median']:.2f}x" if baseline else "-",
+            f"{r['warmup_overhead']:.1f}",
+            r["graphs"],
+            "yes" if r["limit_hit"] else "no",
+        ]
+        for r in records
     ]
-    for r in records:
-        speed = f"{r['median'] / baseline['median']:.2f}x" if baseline else "-"
-        lines.append(
-            f"| {r['run']} | {r['median']:.3f} | {r['mean']:.3f} | {speed} | {r['warmup_overhead']:.1f}"
-            f" | {r['graphs']} | {'yes' if r['limit_hit'] else 'no'} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table([*header, "recompile limit hit"], rows))
 
 
 def main(argv: list[str] | None = None) -> None:

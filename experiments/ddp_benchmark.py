@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from run_summary import markdown_table
 
 from lightning_hift import HiFTDDPStrategy, HiFTStrategy
 from lightning_hift.tasks import SequenceClassifier, StepTimer, TweetSentimentDataModule
@@ -142,20 +143,15 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ddp = next((r for r in records if r["method"] == "ddp"), None)
-    lines = [
-        "| method | processes x threads | global batch | median s/step | time vs DDP | MiB all-reduced/step |"
-        " traffic vs DDP |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    header = ["method", "processes x threads", "global batch", "median s/step", "time vs DDP", "MiB all-reduced/step"]
+    rows = []
     for r in records:
         speed = f"{r['median_s_per_step'] / ddp['median_s_per_step']:.2f}x" if ddp else "-"
         traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and r["processes"] > 1 else "-"
         mib = f"{r['bytes_per_step'] / 2**20:.1f}" if r["processes"] > 1 else "-"
-        lines.append(
-            f"| {r['method']} | {r['processes']} x {r['threads']} | {args.batch_size * args.processes} |"
-            f" {r['median_s_per_step']:.3f} | {speed} | {mib} | {traffic} |"
-        )
-    return "\n".join(lines)
+        cells = [r["method"], f"{r['processes']} x {r['threads']}", args.batch_size * args.processes]
+        rows.append([*cells, f"{r['median_s_per_step']:.3f}", speed, mib, traffic])
+    return "\n".join(markdown_table([*header, "traffic vs DDP"], rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,11 +24,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from run_summary import markdown_table, peak_memory
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_hift
 from lightning_hift.memory import GIB, estimate_memory
+from lightning_hift.transfer import HOST
 
 SHAPES = {
     "7b": LlamaConfig(),  # transformers' defaults are LLaMA-2-7B's shape
@@ -93,8 +94,8 @@ def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -
 
 
 def host_peak() -> float:
-    """The process's peak resident host memory in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    """The process's peak resident host memory in bytes."""
+    return float(peak_memory(HOST)["peak_rss_bytes"])
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -124,10 +125,8 @@ def write_table(args: argparse.Namespace, planner: Any, rows: list[tuple[Any, ..
         f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps; {place}."
         " Each row runs in its own process.",
         "",
-        "| precision | method | measured peak GiB | planner model states GiB | paper total GiB | host peak GiB"
-        " | seconds |",
-        "|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for precision, method, result, planned, paper, seconds in rows:
         if "failed" in result:
             measured, host = result["failed"], ""
@@ -135,9 +134,9 @@ def write_table(args: argparse.Namespace, planner: Any, rows: list[tuple[Any, ..
             measured = "OOM" if result["peak"] is None else f"{result['peak'] / GIB:.2f}"
             host = f"{result['host_peak'] / GIB:.2f}"
         reported = "" if paper is None else f"{paper:.2f}"
-        cells = [precision, method, measured, f"{planned / GIB:.2f}", reported, host, f"{seconds:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        cells.append([precision, method, measured, f"{planned / GIB:.2f}", reported, host, f"{seconds:.0f}"])
+    header = ["precision", "method", "measured peak GiB", "planner model states GiB", "paper total GiB"]
+    table = "\n".join([*lines, *markdown_table([*header, "host peak GiB", "seconds"], cells)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")  # after every row: a long run that stops keeps what it measured
     return table

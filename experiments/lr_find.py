@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.tuner import Tuner
+from run_summary import markdown_table
 from train import build_module
 
 import lightning_hift  # noqa: F401  (registers strategy="hift")
@@ -53,9 +54,9 @@ def main() -> None:
     lines = [
         f"# lr_find suggestions: {task}, {args.num_training} range-test steps from 1e-6 to 1e-1",
         "",
-        "| method | suggested learning rate |",
-        "|---|---|",
-        *(f"| {name} | {lr:.2e} |" if lr is not None else f"| {name} | none |" for name, lr in rows),
+        *markdown_table(
+            ["method", "suggested learning rate"], [(name, "none" if lr is None else f"{lr:.2e}") for name, lr in rows]
+        ),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
+from run_summary import markdown_row, markdown_table
 from torch import Tensor
 from train import build_module
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -153,6 +154,19 @@ def blocks_of(setting: Setting) -> int:
     return len(partition(module, 1))
 
 
+HEADER = [
+    "module",
+    "steps",
+    "recipe lr",
+    "method",
+    "lr_scale",
+    "effective lr",
+    "val loss",
+    "val acc / ppl",
+    "fit seconds",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SETTINGS), nargs="+", default=sorted(SETTINGS))
@@ -167,8 +181,7 @@ def main() -> None:
         "Written by `python experiments/lr_scale.py` (see its docstring for the three modules). Validation split,"
         f" seed {args.seed}; k is the number of blocks (one unit per block, bottom-up, the package defaults).",
         "",
-        "| module | steps | recipe lr | method | lr_scale | effective lr | val loss | val acc / ppl | fit seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(HEADER, []),
     ]
     for name in args.only:
         setting = SETTINGS[name]
@@ -190,9 +203,18 @@ def main() -> None:
             effective = setting.recipe_lr * (scale or 1.0)
             scale_text = "" if scale is None else f"{scale:.2f}"
             loss_text = "n/a" if math.isnan(result["loss"]) else f"{result['loss']:.3f}"
-            row = (
-                f"| {name} | {setting.steps} | {setting.recipe_lr:.0e} | {method} | {scale_text} | {effective:.2e}"
-                f" | {loss_text} | {result['score']:.3f} | {result['seconds']:.0f} |"
+            row = markdown_row(
+                [
+                    name,
+                    setting.steps,
+                    f"{setting.recipe_lr:.0e}",
+                    method,
+                    scale_text,
+                    f"{effective:.2e}",
+                    loss_text,
+                    f"{result['score']:.3f}",
+                    f"{result['seconds']:.0f}",
+                ]
             )
             print(row, flush=True)
             lines.append(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,15 @@ def format_summary(metrics: Mapping[str, Any], metric: str) -> str:
     }
     width = max(len(name) for name in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows.items())
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a Markdown table: the header, its rule, and a line per row (cells written with ``str``)."""
+    return [markdown_row(header), "|" + "---|" * len(header), *(markdown_row(row) for row in rows)]
+
+
+def markdown_row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def _number(value: float | None) -> str:

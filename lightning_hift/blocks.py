@@ -158,8 +158,8 @@ def _check_patterns(patterns: tuple[str, ...], names: list[str]) -> None:
         if not any(fnmatchcase(name, pattern) for name in names):
             examples = ", ".join(repr(name) for name in names[:3])
             raise HiFTConfigError(
-                f"frozen= pattern {pattern!r} matches no parameter name (a typo?). Patterns are fnmatch-style "
-                f"and match the full name, e.g. {examples}."
+                f"frozen= pattern {pattern!r} matches no parameter name (a typo?). Correct or remove it: patterns"
+                f" are fnmatch-style and match the full name, e.g. {examples}."
             )
 
 

@@ -354,8 +354,10 @@ def _container_hint(model: nn.Module) -> str:
     found = [
         name for name, module in model.named_modules() if _is_container(module) and len(list(module.children())) > 1
     ]
-    listed = ", ".join(repr(name) for name in found[:5]) or "none"
-    return f"Module lists found in the model: {listed}."
+    if not found:
+        return "The model has no module list; pass layers= a callable that returns its repeated layers in depth order."
+    listed = ", ".join(repr(name) for name in found[:5])
+    return f"Pass the path of the model's repeated layers as layers=; module lists found in the model: {listed}."
 
 
 def _is_container(module: nn.Module) -> bool:

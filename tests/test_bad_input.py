@@ -216,8 +216,10 @@ def test_bad_input(case: str, tmp_path: Path) -> None:
         action(tmp_path)
 
 
-FIX = re.compile(r"\b(Pass|Use|Choose|Remove|Set|Build|Resume|Freeze|Give|Name|Add|Move|Keep|Install|Lower)\b")
-"""The imperative that opens a HiFT error's instruction: what the user should do instead."""
+FIX = re.compile(
+    r"\b(pass|use|choose|remove|set|build|resume|freeze|narrow|correct|return|install|must be)\b", re.IGNORECASE
+)
+"""The words of a HiFT error's instruction: what the user should do or give instead."""
 
 
 @pytest.mark.parametrize("case", [case for case, (_, error, _) in CASES.items() if error is HiFTConfigError])
