@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the install small; on a GPU machine use the torch build that matches your CUDA.
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test lint bench
+.PHONY: install train test test-fast lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install
 # The core tests drive a Trainer; they run again on the older `pytorch_lightning` package (tests/helpers/lightning.py).
 CORE_TESTS := tests/test_strategy.py tests/test_resume.py tests/test_precision.py tests/test_faults.py \
 	tests/test_bad_input.py tests/test_memory.py tests/test_features.py tests/test_drop_in.py tests/test_lr.py
+
+# The edit-test loop: unit tests and doctests on tiny models (under a minute on 2 cores).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not integration and not slow and not gpu" $(ARGS)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)

@@ -159,6 +159,7 @@ def test_checkpointed_layers_are_still_recomputed(key: str, use_reentrant: bool)
         assert {name: step.forwards[name] for name in above} == dict.fromkeys(above, 2), f"block {step.active}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("key", MODELS)
 def test_each_step_trains_the_active_block_with_the_gradients_of_a_run_without_checkpointing(

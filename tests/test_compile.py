@@ -130,6 +130,7 @@ def compiled_calls(module: nn.Module) -> dict[tuple[str, str], object]:
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("compile_model", PATTERNS.values(), ids=PATTERNS.keys())
 def test_each_way_of_compiling_becomes_one_region_per_layer_and_comes_back(compile_model: Callable[..., Any]) -> None:
     module = lightning_unwraps(compile_model(ForwardModule(num_layers=LAYERS)))
@@ -179,6 +180,7 @@ def assert_same_weights(module: nn.Module, expected: nn.Module, tolerance: float
         torch.testing.assert_close(p, e, rtol=tolerance, atol=tolerance / 10, msg=name)
 
 
+@pytest.mark.integration
 def test_a_compiled_model_compiles_each_layer_a_few_times_and_trains_as_uncompiled() -> None:
     eager, _, _ = train(None)
     module, strategy, counts = train(lambda module: whole_module(module, backend="aot_eager"))
@@ -204,6 +206,7 @@ class IndexedLayer(nn.Module):
         return hidden + torch.tanh(self.linear(hidden)) / (1 + self.layer_idx)
 
 
+@pytest.mark.integration
 def test_each_layer_counts_its_graphs_against_its_own_recompile_limit() -> None:
     layers = nn.ModuleList(IndexedLayer(index) for index in range(LAYERS))
     model = nn.Sequential(*layers)

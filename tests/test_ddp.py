@@ -123,6 +123,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: b
     ],
     ids=["bottom2up-offload-accumulate2", "random-reset-m2"],
 )
+@pytest.mark.integration
 def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict[str, Any]) -> None:
     steps = 12  # two cycles of the six units (three of three blocks)
     reports = fit_two_processes(tmp_path, steps, **dict(hift))  # rank 1 starts from skewed weights
@@ -143,6 +144,7 @@ def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Pa
         assert report["bytes_reduced"] < steps * sum(p.nbytes for p in report["params"].values())
 
 
+@pytest.mark.integration
 def test_half_precision_weights_average_half_precision_grads_and_step_fp32_masters(tmp_path: Path) -> None:
     reports = fit_two_processes(tmp_path, 6, precision="bf16-true")
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
@@ -155,6 +157,7 @@ def test_half_precision_weights_average_half_precision_grads_and_step_fp32_maste
     assert all(not torch.equal(start[n], p) for n, p in reports[0]["params"].items())  # every block was stepped
 
 
+@pytest.mark.integration
 def test_a_block_without_gradient_on_some_processes_is_averaged_with_zeros_or_skipped_by_all(tmp_path: Path) -> None:
     # Step 2 trains net.layers.1, which process 1 bypasses then; step 4 trains net.layers.3, bypassed by both. Before
     # the processes agreed, process 0 waited in all-reduce for process 1 until the timeout.
@@ -167,6 +170,7 @@ def test_a_block_without_gradient_on_some_processes_is_averaged_with_zeros_or_sk
     assert all(not torch.equal(start[n], p) for n, p in params.items() if n.startswith("net.layers.1."))
 
 
+@pytest.mark.integration
 def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Path) -> None:
     # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
     hift = {"layers_per_block": 2, "switch_every": 4}
@@ -188,6 +192,7 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Pat
     assert_same(continued[0]["params"], uninterrupted, exact=False)
 
 
+@pytest.mark.integration
 def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module"]
@@ -199,12 +204,14 @@ def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
     assert all(b["bytes"] == b["block_grad_bytes"] for b in reports[0]["batches"])
 
 
+@pytest.mark.integration
 def test_processes_that_disagree_on_the_blocks_stop_before_training(tmp_path: Path) -> None:
     trainer = quiet_trainer(strategy=MismatchedSeedStrategy(start_method="spawn"), devices=WORLD, max_steps=2)
     with pytest.raises(Exception, match="different HiFT settings"):
         trainer.fit(ShardedTinyModule())
 
 
+@pytest.mark.integration
 def test_sync_batchnorm_is_refused(tmp_path: Path) -> None:
     trainer = quiet_trainer(strategy="hift_ddp_spawn", devices=WORLD, max_steps=2, sync_batchnorm=True)
     with pytest.raises(Exception, match="sync_batchnorm"):

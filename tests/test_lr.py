@@ -65,6 +65,7 @@ def run(schedule: str, strategy: Any, tmp_path: Path | None = None, ckpt: Path |
     return rates.lrs, {n: p.detach().clone() for n, p in module.named_parameters()}, trainer
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize(("accumulate", "switch_every"), [(1, 1), (2, 1), (1, 2)])
 def test_a_cycle_trains_at_the_mean_of_its_schedule(schedule: str, accumulate: int, switch_every: int) -> None:

@@ -46,6 +46,7 @@ def assert_resume_is_exact(tmp_path: Path, accumulate: int = 1, **strategy: Any)
         assert torch.equal(value, resumed[name]), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("order", ["bottom2up", "top2down", "random"])
 @pytest.mark.parametrize("optimizer_state", ["offload", "reset", "keep"])
 @pytest.mark.parametrize("lr_update", ["cycle", "stretched", "step"])
