@@ -136,8 +136,9 @@ class Transfer:
         buffer = self._buffers.get(tag)
         on_host = any(value.device.type == HOST.type for value in values.values())
         if buffer is not None and (on_host or not buffer.fits(slots)):
-            # The host is about to write the buffer, or to drop it: copies on the side stream may still use it.
-            self._stream.synchronize()
+            # The host is about to write the buffer, or to drop it (and with it the driver's pinning): copies on either
+            # stream may still read it. Rare: at a resume, or when a block's state changes shape.
+            self.synchronize()
         if buffer is None or not buffer.fits(slots):
             buffer = self._buffers[tag] = BlockBuffer(slots, nbytes, pin=True)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))

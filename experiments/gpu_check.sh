@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks, for whoever has a CUDA device: run as is from the repository root, in the project's environment
+# (make install TORCH=torch for a CUDA build of torch). About ten minutes on one large GPU; each result is written
+# to experiments/results/ as soon as it exists, so a check cut short keeps what it finished.
+#
+#   1. pytest -m gpu: side-stream copies behind a busy compute stream, pinned buffers and their accounting, fused and
+#      foreach AdamW, resume on the device, no device memory left after fit, a run under TORCH_CUDA_SANITIZER=1
+#      -> experiments/results/gpu_tests.txt
+#   2. experiments/gpu_memory.py --shape 7b: peak device memory of full fine-tuning and HiFT, one process per row
+#      -> experiments/results/gpu_memory.md
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+RESULTS=experiments/results
+mkdir -p "$RESULTS"
+
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: these checks need one'" || exit 1
+"$PYTHON" - <<'PY' > "$RESULTS/gpu_tests.txt"
+import torch
+print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
+timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rA 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
+timeout 420 "$PYTHON" experiments/gpu_memory.py --shape 7b --precisions 32-true bf16-true --out "$RESULTS/gpu_memory.md"
