@@ -28,6 +28,8 @@ from torch import Tensor
 
 HOST = torch.device("cpu")
 
+_REGISTER_PORTABLE = 1
+
 ALIGN = 64
 """Bytes to which each tensor's offset in a block buffer is rounded: a multiple of every dtype's size."""
 
@@ -88,7 +90,8 @@ def _pin(base: Tensor) -> int:
     if base.nbytes == 0:
         return 0
     cudart = torch.cuda.cudart()
-    error = int(cudart.cudaHostRegister(base.data_ptr(), base.nbytes, 0))
+    # cudaHostRegisterPortable: pinned for every device's context, not only the one current now.
+    error = int(cudart.cudaHostRegister(base.data_ptr(), base.nbytes, _REGISTER_PORTABLE))
     if error != 0:
         raise RuntimeError(
             f"HiFT could not pin {base.nbytes / 2**30:.2f} GiB of host memory for offloaded optimizer state or fp32"

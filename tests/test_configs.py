@@ -100,22 +100,31 @@ def test_every_option_composes_and_resolves(override: str) -> None:
     assert OmegaConf.missing_keys(cfg) <= {"task.module.num_labels"}
 
 
-def test_defaults_are_the_main_run() -> None:
-    cfg = compose_train()
-    assert cfg.model.name_or_path == "minilm"
-    assert cfg.task.data._target_.endswith("TweetSentimentDataModule")
-    assert cfg.trainer.accelerator == "cpu"
-    assert cfg.trainer.strategy._target_ == "lightning_hift.HiFTStrategy"
+@pytest.mark.integration
+def test_the_defaults_build_the_main_job(train_script: ModuleType) -> None:
+    """What the README promises of `make train`: HiFT on the CPU, MiniLM classifying tweets, at the rate and length
+    the config names, scored on test accuracy."""
+    cfg = compose_train(*TINY_DATA["tweets"])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer.strategy, HiFTStrategy) and trainer.strategy.lr_scale == "blocks"
+    assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert trainer.max_steps == cfg.max_steps
+    data = instantiate(cfg.task.data)
+    module = train_script.build_module(cfg.task.module, data)
+    config = module.model.config  # all-MiniLM-L6-v2 with a fresh 2-class head
+    assert (config.model_type, config.num_hidden_layers, config.num_labels) == ("bert", 6, 2)
+    assert module.hparams["lr"] == cfg.lr
     assert cfg.metric == "test/acc"
-    assert cfg.lr == cfg.hift.lr
-    assert cfg.max_steps == cfg.trainer.max_steps == cfg.hift.max_steps
 
 
-def test_hift_takes_the_full_fine_tuning_rate_scaled_by_its_blocks_and_trains_longer() -> None:
+def test_hift_and_full_fine_tuning_share_the_rate_and_hift_trains_longer() -> None:
     hift, fpft = compose_train("hift=default"), compose_train("hift=fpft")
-    assert fpft.trainer.strategy == "auto"
-    assert hift.lr == fpft.lr and hift.hift.strategy.lr_scale == "blocks"
-    assert hift.max_steps > fpft.max_steps
+    hift_trainer = instantiate(hift.trainer, logger=False, enable_checkpointing=False)
+    fpft_trainer = instantiate(fpft.trainer, logger=False, enable_checkpointing=False)
+    assert not isinstance(fpft_trainer.strategy, HiFTStrategyBase)
+    assert isinstance(hift_trainer.strategy, HiFTStrategy) and hift_trainer.strategy.lr_scale == "blocks"
+    assert hift.task.module.lr == fpft.task.module.lr
+    assert hift_trainer.max_steps > fpft_trainer.max_steps
 
 
 def test_command_line_values_win_over_the_groups() -> None:
