@@ -181,14 +181,12 @@ class OptimizerStatePlacement:
         return [(k, v) for k, v in state.items() if isinstance(v, Tensor) and _moves_with_param(k, group)]
 
     def _to_host(self, block: Block) -> None:
-        values = {(id(p), key): value for p in self.keys(block) for key, value in self._movable(p)}
-        if not values:
+        moving = [(p, key, value) for p in self.keys(block) for key, value in self._movable(p)]
+        if not moving:
             return
-        host = self.transfer.to_host(("state", block.index), values)
-        for p in self.keys(block):
-            state = self.optimizer.state.get(p, {})
-            for key, _ in self._movable(p):
-                state[key] = host[(id(p), key)]
+        host = self.transfer.to_host(("state", block.index), {(id(p), key): value for p, key, value in moving})
+        for p, key, _ in moving:
+            self.optimizer.state[p][key] = host[(id(p), key)]
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {
