@@ -90,6 +90,7 @@ class HiFTCallbackBase(_Callback):
             self._loaded = None
         self.delayed_lr.attach(trainer, cycle_steps=len(strategy.blocks) * strategy.switch_every)
         self._last_global_step = trainer.global_step
+        strategy.measure_grads = self.order.observes
         strategy.freeze()
         strategy.activate(self.order.current())
         strategy.prefetch(self.order.block_at(self.order.position + 1))
@@ -123,6 +124,8 @@ class HiFTCallbackBase(_Callback):
         metrics = {"hift/active_block": float(self.order.current()), "hift/cycle": float(self.order.cycle)}
         if logs and self.log_memory:
             metrics.update(snapshot(strategy).as_metrics())
+        if self.order.observes and strategy.last_grad_rms is not None:
+            self.order.observe(self.order.current(), strategy.last_grad_rms)
         self.steps += 1
         slot_ended = self.steps % strategy.switch_every == 0
         self.delayed_lr.after_optimizer_step(trainer, cycle_ended=slot_ended and self.order.at_cycle_end)

@@ -16,12 +16,13 @@ is exact.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, ClassVar, Literal
 
 from lightning_hift.errors import HiFTConfigError
 
-OrderName = Literal["bottom2up", "top2down", "random"]
+OrderName = Literal["bottom2up", "top2down", "random", "grad_norm"]
 
 
 class BlockOrder:
@@ -35,6 +36,9 @@ class BlockOrder:
     name: ClassVar[str]
     uses_seed: ClassVar[bool] = False
     """Whether the seed changes the sequence (only then must a resumed run keep it)."""
+    observes: ClassVar[bool] = False
+    """Whether the order wants :meth:`observe` called with each step's gradient (the strategy skips measuring
+    otherwise)."""
 
     def __init__(self, num_blocks: int, seed: int = 0) -> None:
         if num_blocks < 1:
@@ -69,6 +73,9 @@ class BlockOrder:
     def at_cycle_end(self) -> bool:
         """Whether the current slot is the last of its cycle."""
         return (self.position + 1) % self.num_blocks == 0
+
+    def observe(self, block: int, grad_rms: float) -> None:
+        """The root mean square of ``block``'s gradient in the step just taken (only orders that set ``observes``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_blocks": self.num_blocks, "seed": self.seed, "position": self.position}
@@ -117,11 +124,85 @@ class RandomOrder(BlockOrder):
         return rng.sample(range(self.num_blocks), self.num_blocks)
 
 
-ORDERS: dict[str, type[BlockOrder]] = {cls.name: cls for cls in (BottomUp, TopDown, RandomOrder)}
+class GradNormOrder(BlockOrder):
+    """Importance sampling of blocks: a block whose gradient was large when it last trained is drawn more often.
+
+    The first cycle visits every block bottom-up, measuring each one's gradient (its root mean square, so that a
+    large embedding block is not favoured for its size). Every later cycle is ``num_blocks`` draws with
+    replacement, block ``i`` with probability ``(1 - explore) * g_i / sum(g) + explore / num_blocks``, where
+    ``g_i`` is the block's most recent measurement: the uniform share keeps every block visited now and then, so
+    its measurement cannot go stale forever. A cycle keeps its length, so the learning rate still moves once per
+    ``num_blocks`` slots; unlike the other orders, a cycle may visit a block twice and skip another.
+
+    A cycle is drawn when it is first asked for (the strategy asks for the next slot's block one slot ahead, to
+    prefetch it), from the measurements known then, and kept until it is over; the measurements and the drawn
+    cycles are the state a checkpoint saves, so resuming draws exactly the same blocks. In multi-process runs the
+    gradients are reduced before they are measured, so every process draws the same.
+
+    >>> order = GradNormOrder(num_blocks=3)
+    >>> [order.block_at(position) for position in range(3)]
+    [0, 1, 2]
+    >>> for block, rms in enumerate([1e-3, 0.0, 1e-3]):
+    ...     order.observe(block, rms)
+    >>> [round(weight, 3) for weight in order.weights()]
+    [0.417, 0.167, 0.417]
+    """
+
+    name = "grad_norm"
+    uses_seed = True
+    observes = True
+    explore: ClassVar[float] = 0.5
+    """The share of each draw made uniformly over the blocks."""
+
+    def __init__(self, num_blocks: int, seed: int = 0) -> None:
+        super().__init__(num_blocks, seed)
+        self.grad_rms: list[float | None] = [None] * num_blocks
+        self.drawn: dict[int, list[int]] = {}
+
+    def weights(self) -> list[float]:
+        """The probability of each block in a draw made now."""
+        known = [g for g in self.grad_rms if g is not None]
+        # A block not measured yet (a cycle cut short by a resume onto a new run) counts as the largest measured.
+        fill = max(known) if known else 1.0
+        scores = [fill if g is None else g for g in self.grad_rms]
+        total = sum(scores)
+        uniform = 1.0 / self.num_blocks
+        if total <= 0.0 or not math.isfinite(total):
+            return [uniform] * self.num_blocks
+        return [(1.0 - self.explore) * score / total + self.explore * uniform for score in scores]
+
+    def cycle_order(self, cycle: int) -> list[int]:
+        if cycle == 0:
+            return list(range(self.num_blocks))
+        if cycle not in self.drawn:
+            rng = random.Random(f"lightning_hift:{self.seed}:{cycle}")
+            self.drawn[cycle] = rng.choices(range(self.num_blocks), weights=self.weights(), k=self.num_blocks)
+        return self.drawn[cycle]
+
+    def advance(self) -> int:
+        block = super().advance()
+        self.drawn = {cycle: blocks for cycle, blocks in self.drawn.items() if cycle >= self.cycle}
+        return block
+
+    def observe(self, block: int, grad_rms: float) -> None:
+        if math.isfinite(grad_rms):
+            self.grad_rms[block] = grad_rms
+
+    def state_dict(self) -> dict[str, Any]:
+        drawn = {str(cycle): list(blocks) for cycle, blocks in self.drawn.items()}
+        return {**super().state_dict(), "grad_rms": list(self.grad_rms), "drawn": drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.grad_rms = list(state["grad_rms"])
+        self.drawn = {int(cycle): list(blocks) for cycle, blocks in state["drawn"].items()}
+
+
+ORDERS: dict[str, type[BlockOrder]] = {cls.name: cls for cls in (BottomUp, TopDown, RandomOrder, GradNormOrder)}
 
 
 def make_order(name: str, num_blocks: int, seed: int = 0) -> BlockOrder:
-    """Build the order called ``name`` ("bottom2up", "top2down" or "random")."""
+    """Build the order called ``name`` ("bottom2up", "top2down", "random" or "grad_norm")."""
     check_order_name(name)
     return ORDERS[name](num_blocks, seed)
 

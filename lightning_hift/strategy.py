@@ -58,8 +58,10 @@ class HiFTStrategyBase(_Strategy):
 
     Args:
         layers_per_block: units (embeddings, one layer, or the output end) per block.
-        order: ``"bottom2up"``, ``"top2down"`` or ``"random"`` (a new seeded permutation every cycle).
-        seed: seed of the random order.
+        order: ``"bottom2up"``, ``"top2down"``, ``"random"`` (a new seeded permutation every cycle) or
+            ``"grad_norm"`` (after a first bottom-up cycle, blocks drawn in proportion to their last gradient's
+            size, half of each draw uniform; :class:`~lightning_hift.orders.GradNormOrder`).
+        seed: seed of the random and grad_norm orders.
         switch_every: optimizer steps a block stays active before the next one takes over.
         optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
             (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
@@ -118,6 +120,10 @@ class HiFTStrategyBase(_Strategy):
         self.on_nonfinite = on_nonfinite
         self.lr_scale = lr_scale
         self.skipped_nonfinite = 0
+        self.measure_grads = False
+        """Whether each update measures the active block's gradient for the order (set by the callback)."""
+        self.last_grad_rms: float | None = None
+        """The root mean square of the last update's gradient (with ``measure_grads``)."""
         self.blocks: list[Block] = []
         self.active_block: int | None = None
         self.placement: OptimizerStatePlacement | None = None
@@ -355,8 +361,11 @@ class HiFTStrategyBase(_Strategy):
         # The closure (forward and backward) runs here, ahead of the precision plugin, so that a step with nothing
         # to apply is skipped whole: no clipping of an empty gradient list, no GradScaler step without gradients.
         loss = closure()
+        self.last_grad_rms = None
         if not self._grads_ready(block, lightning_skipped=loss is None):
             return None
+        if self.measure_grads:
+            self.last_grad_rms = self._grad_rms(block)
         calls = 0
 
         def closure_ran_first() -> Any:
@@ -371,6 +380,14 @@ class HiFTStrategyBase(_Strategy):
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
+
+    def _grad_rms(self, block: Block) -> float:
+        """Root mean square of the block's gradient, over the parameters that have one; loss scale divided out."""
+        grads = [p.grad for p in block.params if p.grad is not None]
+        squares = torch.stack([g.detach().float().square().sum() for g in grads]).sum()
+        scaler = getattr(self.precision_plugin, "scaler", None)  # 16-mixed: the gradients are still scaled
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return float(squares.sqrt()) / scale / max(sum(g.numel() for g in grads), 1) ** 0.5
 
     def lr_factor(self) -> float:
         """What an update multiplies the optimizer's configured learning rates by (``lr_scale`` resolved)."""

@@ -154,7 +154,7 @@ def test_sweep_is_a_multirun_grid_whose_points_compose() -> None:
     assert cfg.hydra.mode.name == "MULTIRUN"
     params = {key: value.split(",") for key, value in cfg.hydra.sweeper.params.items()}
     assert params == {
-        "hift": ["bottom2up", "top2down", "random"],
+        "hift": ["bottom2up", "top2down", "random", "grad_norm"],
         "hift.strategy.layers_per_block": ["1", "2"],
         "optimizer": ["adamw", "sgd"],
     }

@@ -120,8 +120,10 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: b
         # summation order past the tolerance; the random-reset case runs at the default scale.
         {"accumulate": 2, "lr_scale": 1.0},
         {"order": "random", "optimizer_state": "reset", "layers_per_block": 2},
+        # Every process measures the reduced gradients, so all draw the same blocks.
+        {"order": "grad_norm", "lr_scale": 1.0},
     ],
-    ids=["bottom2up-offload-accumulate2", "random-reset-m2"],
+    ids=["bottom2up-offload-accumulate2", "random-reset-m2", "grad_norm"],
 )
 @pytest.mark.integration
 def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict[str, Any]) -> None:

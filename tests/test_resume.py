@@ -47,7 +47,7 @@ def assert_resume_is_exact(tmp_path: Path, accumulate: int = 1, **strategy: Any)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("order", ["bottom2up", "top2down", "random"])
+@pytest.mark.parametrize("order", ["bottom2up", "top2down", "random", "grad_norm"])
 @pytest.mark.parametrize("optimizer_state", ["offload", "reset", "keep"])
 @pytest.mark.parametrize("lr_update", ["cycle", "stretched", "step"])
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -57,7 +57,7 @@ def test_resume_matrix(tmp_path: Path, order: str, optimizer_state: str, lr_upda
     )
 
 
-@pytest.mark.parametrize("order", ["bottom2up", "random"])
+@pytest.mark.parametrize("order", ["bottom2up", "random", "grad_norm"])
 @pytest.mark.parametrize("optimizer_state", ["offload", "reset"])
 def test_resume_with_switch_every(tmp_path: Path, order: str, optimizer_state: str) -> None:
     assert_resume_is_exact(tmp_path, accumulate=2, order=order, optimizer_state=optimizer_state, switch_every=3)

@@ -82,6 +82,56 @@ def test_random_order_depends_on_the_seed_only() -> None:
     assert active(1) != active(2)
 
 
+class GradRecorder(Callback):
+    """The active block and the root mean square of its gradient, as each optimizer step is about to apply it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        squares = sum(float(g.square().sum()) for g in grads)
+        rms = (squares / sum(g.numel() for g in grads)) ** 0.5
+        self.steps.append((trainer.strategy.active_block, rms))  # type: ignore[attr-defined]
+
+
+def test_grad_norm_order_trains_the_blocks_it_draws_from_the_measured_gradients() -> None:
+    recorder, grads = StepRecorder(), GradRecorder()
+    steps = 5 * UNITS
+    trainer = fit(TinyModule(), HiFTStrategy(order="grad_norm", seed=3), steps, callbacks=[recorder, grads])
+    blocks = block_names(trainer)
+    for active, changed in zip(recorder.active, recorder.changed, strict=True):
+        assert active is not None and changed == blocks[active]
+    assert recorder.active[:UNITS] == list(range(UNITS))  # the first cycle measures every block, bottom-up
+    assert [active for active, _ in grads.steps] == recorder.active
+    hift = trainer.strategy.callback  # type: ignore[attr-defined]
+    last = {block: rms for block, rms in grads.steps}  # each block's most recent measurement
+    assert hift.order.grad_rms == pytest.approx([last[block] for block in range(UNITS)], rel=1e-5)
+    # Later cycles are draws with replacement, not permutations (true for this seed).
+    assert any(sorted(recorder.active[i : i + UNITS]) != list(range(UNITS)) for i in range(UNITS, steps, UNITS))
+
+
+def test_grad_norm_order_draws_blocks_in_proportion_to_their_gradients() -> None:
+    from lightning_hift.orders import GradNormOrder
+
+    order = GradNormOrder(num_blocks=4, seed=5)
+    for block, rms in enumerate([3e-3, 1e-3, 0.0, 0.0]):
+        order.observe(block, rms)
+    order.observe(1, float("nan"))  # a non-finite measurement (a skipped step) keeps the last finite one
+    expected = [0.5 * 3 / 4 + 0.125, 0.5 * 1 / 4 + 0.125, 0.125, 0.125]
+    assert order.weights() == pytest.approx(expected)
+    drawn = [order.block_at(position) for position in range(4, 4 * 2001)]
+    assert [drawn.count(block) / len(drawn) for block in range(4)] == pytest.approx(expected, abs=0.02)
+    # A cycle, once drawn, is kept: new measurements change only the cycles drawn after them.
+    order.position = 4
+    cycle_one = [order.block_at(position) for position in range(4, 8)]
+    order.observe(2, 1.0)
+    assert [order.block_at(position) for position in range(4, 8)] == cycle_one
+    restored = GradNormOrder(num_blocks=4, seed=5)
+    restored.load_state_dict(order.state_dict())
+    assert [restored.block_at(p) for p in range(4, 40)] == [order.block_at(p) for p in range(4, 40)]
+
+
 def test_accumulation_keeps_the_block_for_the_whole_window() -> None:
     recorder = StepRecorder()
     fit(TinyModule(), HiFTStrategy(), max_steps=4, callbacks=[recorder], accumulate_grad_batches=3)
