@@ -1,7 +1,8 @@
 """HiFT for PyTorch Lightning: full-parameter fine-tuning that trains one block of layers per optimizer step.
 
 Importing the package registers the strategy names "hift", "hift_top2down", "hift_random" (one device) and
-"hift_ddp", "hift_ddp_spawn", "hift_ddp_fork" (many processes) with ``lightning.pytorch`` and, when it is
+"hift_ddp", "hift_ddp_spawn", "hift_ddp_fork" (many processes), "hift_fsdp", "hift_fsdp_spawn" (many processes,
+the model sharded) with ``lightning.pytorch`` and, when it is
 installed, with ``pytorch_lightning``, so ``Trainer(strategy="hift")`` works after ``import lightning_hift``
 with either package. The classes exported here are ``lightning.pytorch``'s; ``pytorch_lightning``'s are in
 :mod:`lightning_hift.pytorch_lightning`.
@@ -14,7 +15,7 @@ from lightning_hift.blocks import Block, partition
 from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory import estimate_memory
-from lightning_hift.pytorch import HiFTCallback, HiFTDDPStrategy, HiFTStrategy
+from lightning_hift.pytorch import HiFTCallback, HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
 from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.units import Unit, find_units
 
@@ -34,6 +35,7 @@ __all__ = [
     "HiFTCallbackBase",
     "HiFTConfigError",
     "HiFTDDPStrategy",
+    "HiFTFSDPStrategy",
     "HiFTStrategy",
     "HiFTStrategyBase",
     "Unit",

@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_hift.blocks import partition
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.optim_state import local
 from lightning_hift.transfer import HOST
 
 if TYPE_CHECKING:
@@ -210,10 +211,11 @@ def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
     breakdown = MemoryBreakdown()
     module = strategy.lightning_module
     assert module is not None
+    # Sharded tensors (FSDP2) count what this process holds.
     for p in module.parameters():
-        breakdown.add("params", _place(p, strategy.root_device), p.nbytes)
+        breakdown.add("params", _place(local(p), strategy.root_device), local(p).nbytes)
         if p.grad is not None:
-            breakdown.add("grads", _place(p.grad, strategy.root_device), p.grad.nbytes)
+            breakdown.add("grads", _place(local(p.grad), strategy.root_device), local(p.grad).nbytes)
     placement, masters = strategy.placement, strategy.masters
     if placement is not None:
         for block in strategy.blocks:
@@ -225,7 +227,7 @@ def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
         breakdown.pinned = placement.transfer.pinned_bytes
     if masters is not None:
         for block in strategy.blocks:
-            nbytes = sum(master.nbytes for master in masters.masters(block))
+            nbytes = sum(local(master).nbytes for master in masters.masters(block))
             breakdown.add("masters", "host" if masters.where(block) == "host" else "device", nbytes)
     return breakdown
 
@@ -236,7 +238,7 @@ def _place(tensor: torch.Tensor, device: torch.device) -> str:
 
 def _state_bytes(state: Any, params: Iterable[torch.Tensor]) -> int:
     return sum(
-        value.nbytes
+        local(value).nbytes
         for p in params
         for key, value in state.get(p, {}).items()
         if isinstance(value, torch.Tensor) and key != "step"

@@ -99,14 +99,14 @@ class OptimizerStatePlacement:
                 state = self.optimizer.state.get(p, {})
                 for key, value in self._movable(p):
                     copy = prefetched.get((id(p), key))
-                    state[key] = copy if copy is not None else self.transfer.to_device(value)
+                    state[key] = _like(value, copy if copy is not None else self.transfer.to_device(local(value)))
         self._places[block.index] = "device"
 
     def prefetch(self, block: Block) -> None:
         """Start bringing an offloaded block's state to the device while the current step computes (CUDA)."""
         if self.mode != "offload" or not self.moves_memory or self._places[block.index] != "host":
             return
-        values = {(id(p), key): value for p in self.keys(block) for key, value in self._movable(p)}
+        values = {(id(p), key): local(value) for p in self.keys(block) for key, value in self._movable(p)}
         self.transfer.prefetch(("state", block.index), values)
 
     def to_rest(self, block: Block) -> None:
@@ -151,6 +151,12 @@ class OptimizerStatePlacement:
                 key: _cast_like(value, p, target) if _moves_with_param(key, group) else value
                 for key, value in state.items()
             }
+        self.settle()
+
+    def settle(self) -> None:
+        """Put every block's state where it rests, after something other than :meth:`load` filled the optimizer's
+        state (a sharded checkpoint's loader, which puts it all on the device)."""
+        self.transfer.discard("state")
         for block in self.blocks:
             if self.mode == "offload" and self.moves_memory:
                 self._to_host(block)  # into the block's pinned buffer
@@ -184,15 +190,35 @@ class OptimizerStatePlacement:
         moving = [(p, key, value) for p in self.keys(block) for key, value in self._movable(p)]
         if not moving:
             return
-        host = self.transfer.to_host(("state", block.index), {(id(p), key): value for p, key, value in moving})
-        for p, key, _ in moving:
-            self.optimizer.state[p][key] = host[(id(p), key)]
+        host = self.transfer.to_host(("state", block.index), {(id(p), key): local(v) for p, key, v in moving})
+        for p, key, value in moving:
+            self.optimizer.state[p][key] = _like(value, host[(id(p), key)])
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {
             p: {key: _constant_maker(value, key, self.optimizer) for key, value in state.items()}
             for p, state in self.optimizer.state.items()
         }
+
+
+def local(value: Tensor) -> Tensor:
+    """The part of ``value`` this process holds: the local shard of a DTensor (sharded state under FSDP2), else
+    ``value`` itself. Only that part moves between host and device."""
+    to_local = getattr(value, "to_local", None)
+    return to_local() if callable(to_local) and hasattr(value, "device_mesh") else value
+
+
+def _like(value: Tensor, moved: Tensor) -> Tensor:
+    """``moved`` (a copy of ``local(value)`` elsewhere) as what ``value`` is: a DTensor on the same mesh and layout
+    when ``value`` is one, else ``moved`` itself."""
+    if moved is value or not hasattr(value, "device_mesh"):
+        return moved
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(value, DTensor)
+    return DTensor.from_local(
+        moved, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+    )
 
 
 def _cast_like(value: Any, p: Tensor, device: torch.device) -> Any:

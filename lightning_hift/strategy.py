@@ -187,6 +187,7 @@ class HiFTStrategyBase(_Strategy):
         assert self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == "fit"
+        self._prepare_model(fitting)
         # The fp32 values the half-precision conversion is about to round (a user's fp32 model, or a full-precision
         # checkpoint being resumed): the masters start from them.
         full_values = _fp32_values(self.model) if fitting and self._converts_to_half() else {}
@@ -212,6 +213,9 @@ class HiFTStrategyBase(_Strategy):
                 keys=self.masters.masters if self.masters is not None else None,
                 transfer=transfer,
             )
+
+    def _prepare_model(self, fitting: bool) -> None:
+        """Check or reshape the model before anything else sets up (sharding, for one); nothing to do on one device."""
 
     def _sync_model_states(self) -> None:
         """Make the weights the same everywhere before training; one process has nothing to do."""

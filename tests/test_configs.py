@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lightning_hift import HiFTDDPStrategy, HiFTStrategy, HiFTStrategyBase
+from lightning_hift import HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy, HiFTStrategyBase
 from lightning_hift.tasks import minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_sweep_is_a_multirun_grid_whose_points_compose() -> None:
     assert cfg.hydra.mode.name == "MULTIRUN"
     params = {key: value.split(",") for key, value in cfg.hydra.sweeper.params.items()}
     assert params == {
-        "hift": ["bottom2up", "top2down", "random", "grad_norm"],
+        "hift": ["bottom2up", "top2down", "random"],
         "hift.strategy.layers_per_block": ["1", "2"],
         "optimizer": ["adamw", "sgd"],
     }
@@ -231,9 +231,9 @@ def test_hift_options_give_the_trainer_its_strategy(option: str) -> None:
     if option == "fpft":
         assert not isinstance(trainer.strategy, HiFTStrategyBase)
         return
-    expected = HiFTDDPStrategy if option == "ddp" else HiFTStrategy
+    expected = {"ddp": HiFTDDPStrategy, "fsdp": HiFTFSDPStrategy}.get(option, HiFTStrategy)
     assert isinstance(trainer.strategy, expected)
-    assert trainer.strategy.order == (option if option in ("top2down", "random") else "bottom2up")
+    assert trainer.strategy.order == (option if option in ("top2down", "random", "grad_norm") else "bottom2up")
     assert trainer.strategy.layers_per_block == 2
 
 

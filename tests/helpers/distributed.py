@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from tests.helpers.lightning import Callback, HiFTDDPStrategy, LightningModule, Trainer
@@ -126,3 +128,58 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             trainer.should_stop = True
+
+
+class ShardReport(Callback):
+    """What a process of a sharded run did: bytes reduce-scattered and all-reduced per micro-batch, its share of the
+    optimizer state, and the gathered weights at the end. Writes ``rank{global_rank}.pt`` into ``out``.
+
+    Every call of ``torch.distributed.reduce_scatter_single`` (what FSDP2 sends gradients with) and ``all_reduce``
+    made while a training batch runs is counted, whoever makes it.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = str(out)
+        self.batches: list[dict[str, Any]] = []
+        self._sent = {"reduce_scatter": 0, "all_reduce": 0}
+        self._originals: dict[str, Any] = {}
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for name, attribute in (("reduce_scatter", "reduce_scatter_single"), ("all_reduce", "all_reduce")):
+            original = self._originals[attribute] = getattr(dist, attribute)
+
+            def counting(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+                tensor = kwargs.get("input", args[1] if _name == "reduce_scatter" and len(args) > 1 else None)
+                tensor = tensor if tensor is not None else (args[0] if args else kwargs["tensor"])
+                self._sent[_name] += tensor.nbytes
+                return _original(*args, **kwargs)
+
+            setattr(dist, attribute, counting)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for attribute, original in self._originals.items():
+            setattr(dist, attribute, original)
+        self._originals = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        strategy: Any = trainer.strategy
+        block = strategy.blocks[strategy.active_block]
+        self._sent = {"reduce_scatter": 0, "all_reduce": 0}
+        self.batches.append({"block": block.index, "block_grad_bytes": sum(p.nbytes for p in block.params)})
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        optimizer = trainer.optimizers[0]
+        local = full = 0
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, DTensor):
+                    local += value.to_local().nbytes
+                    full += value.nbytes
+        places = [trainer.strategy.placement.where(block) for block in trainer.strategy.blocks]  # type: ignore[attr-defined]
+        self.batches[-1].update(sent=dict(self._sent), state_local_bytes=local, state_full_bytes=full, places=places)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        params = get_model_state_dict(pl_module, options=options)  # every process takes part; process 0 gets it
+        report = {"world_size": trainer.world_size, "params": params, "batches": self.batches}
+        torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")

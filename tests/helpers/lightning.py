@@ -41,4 +41,5 @@ SIGTERMException = pl.utilities.exceptions.SIGTERMException
 
 HiFTStrategy = _hift.HiFTStrategy
 HiFTDDPStrategy = _hift.HiFTDDPStrategy
+HiFTFSDPStrategy = _hift.HiFTFSDPStrategy
 HiFTCallback = _hift.HiFTCallback

@@ -1,0 +1,317 @@
+"""HiFTFSDPStrategy: HiFT with weights, gradients and optimizer state sharded across processes (PyTorch FSDP2).
+
+``hift`` and ``hift_ddp`` hold the whole model on every device. This strategy shards it with FSDP2
+(``torch.distributed.fsdp.fully_shard``) through Lightning's ``ModelParallelStrategy``: each process holds 1/N of
+every weight, and a unit's full weights exist only while its forward or backward runs. HiFT then trains one block at
+a time as on one device, and FSDP2 does the rest by itself:
+
+* Unsharding copies ``requires_grad`` from the sharded parameters, and after backward only the parameters that have
+  a gradient are reduce-scattered: the active block's, about k times less traffic than FSDP full fine-tuning.
+* The optimizer holds the sharded parameters (DTensors), so its state is sharded too; the waiting blocks' shards
+  rest where ``optimizer_state`` says, 1/N of the state per process.
+
+Sharding: a module whose ``configure_model`` already applied ``fully_shard`` is used as it is. Otherwise each layer
+unit, the embedding unit and the output unit get a ``fully_shard`` of their own, and the root one for what is left;
+a unit that shares a parameter with another module (tied input and output embeddings) stays with the root, since
+FSDP2 cannot shard one parameter in two groups. Every process starts from process 0's weights, as with DDP.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.constants import default_pg_timeout
+from typing_extensions import override
+
+from lightning_hift import lr
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.optim_state import OptimizerStateMode
+from lightning_hift.orders import OrderName
+from lightning_hift.packages import lightning_classes
+from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.units import LayersSpec, find_units
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
+else:
+    _ModelParallelStrategy = object
+
+
+class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
+    """HiFT on several processes with the model sharded by FSDP2: ``Trainer(strategy="hift_fsdp", devices=8)``.
+
+    Each process trains the same block on its share of the batch; the block's gradients are reduce-scattered, so
+    every process steps its own shard. The HiFT arguments are those of
+    :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values.
+
+    Args:
+        start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what torchrun
+            and SLURM use), ``"spawn"`` or ``"fork"``.
+        save_distributed_checkpoint: ``False`` (the default): process 0 writes one consolidated checkpoint, which
+            loads anywhere (``hift``, ``hift_ddp``, plain Lightning). ``True``: each process writes its shard into a
+            folder, for models too large to gather on one process.
+        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
+    """
+
+    strategy_name = "hift_fsdp"
+    spawn_launcher_class: ClassVar[type]
+    """The package's multiprocessing launcher with :class:`GatheringLauncherMixin`."""
+
+    def __init__(
+        self,
+        layers_per_block: int = 1,
+        order: OrderName = "bottom2up",
+        seed: int = 0,
+        switch_every: int = 1,
+        optimizer_state: OptimizerStateMode = "offload",
+        lr_update: lr.LRUpdate = "cycle",
+        layers: LayersSpec = None,
+        frozen: Sequence[str] | None = (),
+        on_nonfinite: OnNonfinite = "skip",
+        lr_scale: lr.LRScale = "blocks",
+        *,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise HiFTConfigError(
+                f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}."
+            )
+        super().__init__(
+            layers_per_block=layers_per_block,
+            order=order,
+            seed=seed,
+            switch_every=switch_every,
+            optimizer_state=optimizer_state,
+            lr_update=lr_update,
+            layers=layers,
+            frozen=frozen,
+            on_nonfinite=on_nonfinite,
+            lr_scale=lr_scale,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        if save_distributed_checkpoint:
+            raise HiFTConfigError(
+                "strategy='hift_fsdp' writes consolidated checkpoints only for now (a folder of shards could not be"
+                " resumed yet). Pass save_distributed_checkpoint=False."
+            )
+        self.start_method = start_method
+        self.sharded_by_hift = False
+        """Whether this strategy applied ``fully_shard`` (rather than the module's ``configure_model``)."""
+
+    @override
+    def _configure_launcher(self) -> None:
+        # The Trainer calls this once the precision plugin is known, before any process starts: the earliest check.
+        _refuse_precision(self.precision_plugin)
+        if self.start_method == "popen":
+            super()._configure_launcher()
+            return
+        self._launcher = type(self).spawn_launcher_class(self, start_method=self.start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        # One data-parallel dimension over every process; tensor parallelism is not HiFT's to schedule.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    @override
+    def _prepare_model(self, fitting: bool) -> None:
+        assert self.model is not None
+        _refuse_unsupported(self.model, self.precision_plugin)
+        if not _is_sharded(self.model):
+            if not _on_meta(self.model):
+                self._broadcast_from_first([t.data for t in (*self.model.parameters(), *self.model.buffers())])
+            self._shard(self.model)
+            self.sharded_by_hift = True
+        lightning_init = importlib.import_module(f"{_fabric_of(self)}.utilities.init")
+        lightning_init._materialize_distributed_module(self.model, self.root_device)
+
+    def _shard(self, model: nn.Module) -> None:
+        """``fully_shard`` every unit that owns its parameters alone, then the root.
+
+        The root is the LightningModule, whose ``forward`` Lightning may never call: its step methods are
+        registered with FSDP2 so that they gather (and afterwards free) the parameters the root group holds.
+        """
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = self.device_mesh["data_parallel"]
+        owners = _owners(model)
+        for unit in find_units(model, self.layers):
+            modules = _unit_modules(model, unit.param_names)
+            inside = {id(m) for module in modules for m in module.modules()}
+            if modules and all(owners[id(p)] <= inside for m in modules for p in m.parameters()):
+                fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for method in ("training_step", "validation_step", "test_step", "predict_step"):
+            if callable(getattr(model, method, None)):
+                register_fsdp_forward_method(model, method)
+
+    def _broadcast_from_first(self, tensors: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t in tensors:
+                buffer = t.to(self.root_device)
+                dist.broadcast(buffer, src=0)
+                t.copy_(buffer)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a consolidated checkpoint (written by any HiFT strategy or plain Lightning) into the shards.
+
+        Lightning's own loader insists on optimizer state for every parameter, but a block that has not had its
+        first turn yet has none; here such parameters keep none, as in the run that wrote the checkpoint, and the
+        waiting blocks' state goes where it rests.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir():
+            raise HiFTConfigError(
+                f"{path} is a folder of shards; strategy='hift_fsdp' resumes from consolidated checkpoints only for"
+                " now. Resume from a checkpoint written with save_distributed_checkpoint=False."
+            )
+        assert self.model is not None and self.lightning_module is not None
+        checkpoint: dict[str, Any] = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        fabric = importlib.import_module(f"{_fabric_of(self)}.strategies.model_parallel")
+        strict = self.lightning_module.strict_loading
+        fabric._load_raw_module_state(checkpoint.pop("state_dict"), self.model, self.world_size, strict=strict)
+        saved = checkpoint.get("optimizer_states")
+        if self.optimizers and saved:
+            (state,) = saved
+            if state["state"]:
+                state = fabric._rekey_optimizer_state_if_needed(state, self.model)
+            optimizer = self.optimizers[0]
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
+            # torch fills in state for every parameter before it loads; drop what the checkpoint did not have.
+            for name, p in self.model.named_parameters():
+                if name not in state["state"]:
+                    optimizer.state.pop(p, None)
+            if self.placement is not None:
+                self.placement.settle()
+        return checkpoint
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        cls._register_presets(strategy_registry, {"hift_fsdp": {}, "hift_fsdp_spawn": {"start_method": "spawn"}})
+
+
+class GatheringLauncherMixin:
+    """Mixed into Lightning's launcher for spawned or forked processes: the main process gets the gathered weights.
+
+    The stock launcher sends process 0's ``state_dict()`` back to the main process, whose module then loads it;
+    sharded weights would not load into the main process's plain module.
+    """
+
+    def _collect_rank_zero_results(self, trainer: Any, results: Any) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        module = trainer.lightning_module
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        module.state_dict = lambda *args, **kwargs: full  # what the stock launcher reads and sends (every process)
+        try:
+            return super()._collect_rank_zero_results(trainer, results)  # type: ignore[misc]
+        finally:
+            del module.state_dict
+
+
+def _package_of(strategy: object) -> str:
+    """``"lightning.pytorch"`` or ``"pytorch_lightning"``: the package whose Strategy ``strategy`` is."""
+    for cls in type(strategy).__mro__:
+        for package in ("lightning.pytorch", "pytorch_lightning"):
+            if cls.__module__.startswith(package + "."):
+                return package
+    raise HiFTConfigError(f"{type(strategy).__name__} is not a Lightning strategy.")
+
+
+def _fabric_of(strategy: object) -> str:
+    return "lightning.fabric" if _package_of(strategy) == "lightning.pytorch" else "lightning_fabric"
+
+
+def _refuse_precision(precision_plugin: Any) -> None:
+    if type(precision_plugin) not in lightning_classes("plugins.precision.Precision"):
+        raise HiFTConfigError(
+            f"strategy='hift_fsdp' trains at precision='32-true' for now, got the {type(precision_plugin).__name__}"
+            " plugin. Pass precision='32-true', or use strategy='hift_ddp' for half and mixed precision."
+        )
+
+
+def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise HiFTConfigError(
+            "strategy='hift_fsdp' shards with FSDP2 (`torch.distributed.fsdp.fully_shard`), but the model holds"
+            " modules wrapped in `FullyShardedDataParallel` (FSDP1). Remove that wrapping from `configure_model`:"
+            " hift_fsdp shards the model itself, or apply `fully_shard` there instead."
+        )
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor) and p.device_mesh.ndim > 1:
+            raise HiFTConfigError(
+                f"Parameter {name!r} is laid out on a {p.device_mesh.ndim}-D device mesh (tensor parallelism?)."
+                " strategy='hift_fsdp' shards over one data-parallel dimension only: remove the tensor-parallel"
+                " plan from `configure_model`."
+            )
+    if type(precision_plugin) not in lightning_classes("plugins.precision.Precision"):
+        raise HiFTConfigError(
+            f"strategy='hift_fsdp' trains at precision='32-true' for now, got the {type(precision_plugin).__name__}"
+            " plugin. Pass precision='32-true', or use strategy='hift_ddp' for half and mixed precision."
+        )
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def _owners(model: nn.Module) -> dict[int, set[int]]:
+    """For each parameter, the modules that hold it directly (more than one for a tied weight)."""
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return owners
+
+
+def _unit_modules(root: nn.Module, param_names: Sequence[str]) -> list[nn.Module]:
+    """The fewest modules that hold exactly the unit's parameters: each parameter's module, merged upwards where a
+    parent holds nothing but the unit's parameters."""
+    wanted = set(param_names)
+    paths = sorted({name.rpartition(".")[0] for name in param_names})
+    chosen: list[str] = []
+    for path in paths:
+        # Climb while the parent's parameters all belong to the unit.
+        while path:
+            parent = path.rpartition(".")[0]
+            names = {f"{parent}.{n}" if parent else n for n, _ in root.get_submodule(parent).named_parameters()}
+            if not parent or not names <= wanted:
+                break
+            path = parent
+        if not any(path == c or path.startswith(c + ".") for c in chosen):
+            chosen = [c for c in chosen if not c.startswith(path + ".")] + [path]
+    modules = [root.get_submodule(path) for path in chosen if path]
+    held = {f"{path}.{n}" for path in chosen if path for n, _ in root.get_submodule(path).named_parameters()}
+    return modules if held == wanted else []

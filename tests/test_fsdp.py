@@ -1,0 +1,130 @@
+"""HiFTFSDPStrategy: two CPU processes (gloo) with the model sharded by FSDP2 train like one process over the same
+global batch, send only the active block's gradients, and hold half of the optimizer state each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_hift import HiFTConfigError
+from tests.helpers.distributed import ShardedTinyModule, ShardReport, StopAt, load_reports
+from tests.helpers.lightning import HiFTFSDPStrategy, ModelCheckpoint, Trainer
+from tests.helpers.modules import quiet_trainer
+from tests.test_ddp import GLOBAL_BATCH, SAMPLES, WORLD, assert_same, fit_one_process
+
+pytestmark = pytest.mark.integration
+
+
+def fit_sharded(
+    out: Path,
+    max_steps: int,
+    module_class: type[ShardedTinyModule] = ShardedTinyModule,
+    ckpt_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    stop_at: int | None = None,
+    **hift: Any,
+) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    # Rank 1 starts from skewed weights unless the module shards itself (then its weights are its own business).
+    skew = module_class is ShardedTinyModule
+    module = module_class(
+        lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD, skew_by_rank=skew
+    )
+    callbacks: list[Any] = [ShardReport(out)]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=stop_at))
+    if stop_at is not None:
+        callbacks.append(StopAt(stop_at))
+    trainer = quiet_trainer(
+        strategy=HiFTFSDPStrategy(start_method="spawn", **hift),
+        devices=WORLD,
+        max_steps=max_steps,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint_dir is not None,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return load_reports(out, WORLD)
+
+
+@pytest.mark.parametrize(
+    "hift", [{"lr_scale": 1.0}, {"order": "random", "optimizer_state": "reset", "layers_per_block": 2}], ids=str
+)
+def test_two_sharded_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict) -> None:
+    steps = 12  # two cycles of the six units
+    reports = fit_sharded(tmp_path, steps, **hift)  # rank 1 starts from skewed weights
+    assert [r["world_size"] for r in reports] == [WORLD, WORLD]
+    gathered = reports[0]["params"]
+    assert_same(gathered, fit_one_process(steps, **hift), exact=False)
+
+    for report in reports:
+        batches = report["batches"]
+        assert len(batches) == steps
+        for batch in batches:
+            # FSDP2 reduce-scatters exactly the active block's gradients (the others have none), nothing else.
+            assert batch["sent"] == {"reduce_scatter": batch["block_grad_bytes"], "all_reduce": 0}
+    # Every tensor of optimizer state is split between the processes: together they hold it once.
+    for first, second in zip(reports[0]["batches"], reports[1]["batches"], strict=True):
+        assert first["state_full_bytes"] == second["state_full_bytes"]
+        assert first["state_local_bytes"] + second["state_local_bytes"] == first["state_full_bytes"]
+    assert max(batch["state_full_bytes"] for batch in reports[0]["batches"]) > 0
+
+
+class SelfSharded(ShardedTinyModule):
+    """Applies FSDP2 itself, as Lightning's ModelParallelStrategy asks modules to."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net.layers:
+            fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
+def test_a_module_sharded_by_its_own_configure_model_is_used_as_it_is(tmp_path: Path) -> None:
+    steps = 6
+    reports = fit_sharded(tmp_path, steps, module_class=SelfSharded, lr_scale=1.0)
+    assert_same(reports[0]["params"], fit_one_process(steps, lr_scale=1.0), exact=False)
+    assert all(batch["sent"]["reduce_scatter"] == batch["block_grad_bytes"] for batch in reports[0]["batches"])
+
+
+def test_a_consolidated_checkpoint_continues_on_one_process(tmp_path: Path) -> None:
+    # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
+    hift = {"layers_per_block": 2, "switch_every": 4}
+    fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()  # one file, written by rank 0
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["global_step"] == 10
+    assert all(type(value) is torch.Tensor for value in checkpoint["state_dict"].values())  # plain, whole tensors
+    uninterrupted = fit_one_process(16, **hift)
+    assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
+
+
+def test_sharded_checkpoints_are_refused_until_they_can_be_resumed() -> None:
+    with pytest.raises(HiFTConfigError, match="save_distributed_checkpoint=False"):
+        HiFTFSDPStrategy(save_distributed_checkpoint=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-true"])
+def test_half_precision_is_refused_when_the_trainer_is_built(precision: str) -> None:
+    with pytest.raises(HiFTConfigError, match="precision='32-true'"):
+        Trainer(strategy=HiFTFSDPStrategy(start_method="spawn"), devices=2, precision=precision)
+
+
+def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path) -> None:
+    # Stopped at step 6, mid-slot of block 1: block 2 has never trained, so it has no optimizer state to save.
+    hift = {"layers_per_block": 2, "switch_every": 4}
+    fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=6, **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    assert ckpt.is_file()  # one consolidated file, written by rank 0
+    resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
+    uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
+    assert_same(resumed[0]["params"], uninterrupted[0]["params"], exact=True)
+    # The loaded optimizer state rests where the uninterrupted run kept it: the waiting block's in host memory.
+    assert (
+        resumed[0]["batches"][0]["places"] == uninterrupted[0]["batches"][6]["places"] == ["host", "device", "absent"]
+    )
