@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lightning_hift
-from tests.helpers.lightning import Callback, HiFTStrategy, Trainer, pl, seed_everything
+from tests.helpers.lightning import Callback, HiFTFSDPStrategy, HiFTStrategy, Trainer, pl, seed_everything
 from tests.helpers.modules import StepRecorder, TinyModule, fit, quiet_trainer, warmup_then_linear
 
 # TinyModule has six units: embeddings, four layers, output (norm + head).
@@ -27,6 +27,14 @@ def test_registered_names_resolve_to_the_strategy(name: str, order: str) -> None
     assert isinstance(trainer.strategy, HiFTStrategy)
     assert trainer.strategy.order == order
     assert trainer.strategy.root_device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("name", "start_method"), [("hift_fsdp", "popen"), ("hift_fsdp_spawn", "spawn")])
+def test_the_sharded_names_resolve_to_the_fsdp_strategy_of_the_package_in_use(name: str, start_method: str) -> None:
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
+    assert isinstance(trainer.strategy, HiFTFSDPStrategy)
+    assert trainer.strategy.start_method == start_method
+    assert trainer.strategy.num_processes == 2
 
 
 def test_registration_is_idempotent() -> None:
