@@ -299,7 +299,8 @@ def suite_section(out: Path, suite: str, records: list[Record]) -> list[str]:
     lines = [
         f"## {SUITE_TITLES.get(suite, suite)}",
         "",
-        f"Command: `{first.get('command', '?')}`",
+        # Every method of the suite; runs whose records exist are skipped, so it also finishes a partial suite.
+        f"Command: `python experiments/benchmark.py --suite {suite}`",
         "",
         f"Machine: {first.get('machine', '?')}; {first.get('threads', '?')} torch threads per run; each run alone, in"
         " its own process."
