@@ -75,6 +75,17 @@ def split_into_buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[lis
     return buckets
 
 
+def broadcast_from_first(tensors: Sequence[Tensor], device: torch.device, bucket_bytes: int) -> None:
+    """Give every process process 0's values of ``tensors``, in buckets of at most ``bucket_bytes`` sent from
+    ``device``."""
+    with torch.no_grad():
+        for bucket in split_into_buckets(tensors, bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket]).to(device)
+            dist.broadcast(flat, src=0)
+            for t, value in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+                t.copy_(value.view_as(t))
+
+
 class GradientAverager:
     """Averages the gradients of one block's parameters across the processes of a group, in flat buckets.
 
@@ -254,13 +265,7 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
         return masters
 
     def _broadcast_from_first(self, tensors: Sequence[Tensor]) -> None:
-        """Give every process process 0's values of ``tensors``, in buckets sent from the compute device."""
-        with torch.no_grad():
-            for bucket in split_into_buckets(tensors, self.bucket_bytes):
-                flat = torch.cat([t.reshape(-1) for t in bucket]).to(self.root_device)
-                dist.broadcast(flat, src=0)
-                for t, value in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
-                    t.copy_(value.view_as(t))
+        broadcast_from_first(tensors, self.root_device, self.bucket_bytes)
 
     def _check_same_blocks(self) -> None:
         mine = [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks]

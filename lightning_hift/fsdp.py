@@ -25,18 +25,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from lightning_hift import lr
+from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
 from lightning_hift.units import LayersSpec, find_units
+
+_BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
@@ -54,9 +56,9 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     Args:
         start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what torchrun
             and SLURM use), ``"spawn"`` or ``"fork"``.
-        save_distributed_checkpoint: ``False`` (the default): process 0 writes one consolidated checkpoint, which
-            loads anywhere (``hift``, ``hift_ddp``, plain Lightning). ``True``: each process writes its shard into a
-            folder, for models too large to gather on one process.
+        save_distributed_checkpoint: must stay ``False`` for now: process 0 writes one consolidated checkpoint,
+            which loads anywhere (``hift``, ``hift_ddp``, plain Lightning). Folders of shards are refused until they
+            can be resumed.
         process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
     """
 
@@ -107,8 +109,6 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                 " resumed yet). Pass save_distributed_checkpoint=False."
             )
         self.start_method = start_method
-        self.sharded_by_hift = False
-        """Whether this strategy applied ``fully_shard`` (rather than the module's ``configure_model``)."""
 
     @override
     def _configure_launcher(self) -> None:
@@ -127,14 +127,14 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         super().setup_environment()
 
     @override
-    def _prepare_model(self, fitting: bool) -> None:
+    def _prepare_model(self) -> None:
         assert self.model is not None
         _refuse_unsupported(self.model, self.precision_plugin)
         if not _is_sharded(self.model):
             if not _on_meta(self.model):
-                self._broadcast_from_first([t.data for t in (*self.model.parameters(), *self.model.buffers())])
+                weights = [t.data for t in (*self.model.parameters(), *self.model.buffers())]
+                broadcast_from_first(weights, self.root_device, _BROADCAST_BUCKET_BYTES)
             self._shard(self.model)
-            self.sharded_by_hift = True
         lightning_init = importlib.import_module(f"{_fabric_of(self)}.utilities.init")
         lightning_init._materialize_distributed_module(self.model, self.root_device)
 
@@ -157,13 +157,6 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         for method in ("training_step", "validation_step", "test_step", "predict_step"):
             if callable(getattr(model, method, None)):
                 register_fsdp_forward_method(model, method)
-
-    def _broadcast_from_first(self, tensors: Sequence[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for t in tensors:
-                buffer = t.to(self.root_device)
-                dist.broadcast(buffer, src=0)
-                t.copy_(buffer)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -270,11 +263,7 @@ def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
                 " strategy='hift_fsdp' shards over one data-parallel dimension only: remove the tensor-parallel"
                 " plan from `configure_model`."
             )
-    if type(precision_plugin) not in lightning_classes("plugins.precision.Precision"):
-        raise HiFTConfigError(
-            f"strategy='hift_fsdp' trains at precision='32-true' for now, got the {type(precision_plugin).__name__}"
-            " plugin. Pass precision='32-true', or use strategy='hift_ddp' for half and mixed precision."
-        )
+    _refuse_precision(precision_plugin)
 
 
 def _is_sharded(model: nn.Module) -> bool:

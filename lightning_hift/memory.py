@@ -213,9 +213,11 @@ def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
     assert module is not None
     # Sharded tensors (FSDP2) count what this process holds.
     for p in module.parameters():
-        breakdown.add("params", _place(local(p), strategy.root_device), local(p).nbytes)
+        held = local(p)
+        breakdown.add("params", _place(held, strategy.root_device), held.nbytes)
         if p.grad is not None:
-            breakdown.add("grads", _place(local(p.grad), strategy.root_device), local(p.grad).nbytes)
+            grad = local(p.grad)
+            breakdown.add("grads", _place(grad, strategy.root_device), grad.nbytes)
     placement, masters = strategy.placement, strategy.masters
     if placement is not None:
         for block in strategy.blocks:

@@ -211,7 +211,7 @@ def local(value: Tensor) -> Tensor:
 def _like(value: Tensor, moved: Tensor) -> Tensor:
     """``moved`` (a copy of ``local(value)`` elsewhere) as what ``value`` is: a DTensor on the same mesh and layout
     when ``value`` is one, else ``moved`` itself."""
-    if moved is value or not hasattr(value, "device_mesh"):
+    if not hasattr(value, "device_mesh"):
         return moved
     from torch.distributed.tensor import DTensor
 

@@ -187,7 +187,7 @@ class HiFTStrategyBase(_Strategy):
         assert self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == "fit"
-        self._prepare_model(fitting)
+        self._prepare_model()
         # The fp32 values the half-precision conversion is about to round (a user's fp32 model, or a full-precision
         # checkpoint being resumed): the masters start from them.
         full_values = _fp32_values(self.model) if fitting and self._converts_to_half() else {}
@@ -214,7 +214,7 @@ class HiFTStrategyBase(_Strategy):
                 transfer=transfer,
             )
 
-    def _prepare_model(self, fitting: bool) -> None:
+    def _prepare_model(self) -> None:
         """Check or reshape the model before anything else sets up (sharding, for one); nothing to do on one device."""
 
     def _sync_model_states(self) -> None:
