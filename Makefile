@@ -24,7 +24,7 @@ train: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/train.py $(ARGS)
 
 # The benchmark against full fine-tuning and the peers, rate grid and seeds (several hours on 2 idle CPU cores;
-# resumable): writes experiments/results/benchmark.md and its plots. ARGS="--suite tweets --methods full hift" for a
+# resumable): writes experiments/results/benchmark.md and its plots. ARGS="suite=tweets methods=[full,hift]" for a
 # part.
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/benchmark.py $(ARGS)

@@ -2,7 +2,7 @@
 
 Every method trains the task's own LightningModule (``SequenceClassifier`` or ``CausalLanguageModel``) under
 Lightning; what differs is the optimizer, the strategy and the callbacks. :func:`build` returns them for one
-method, from its entry in experiments/benchmark.yaml. Kinds:
+method, from its entry in conf/benchmark.yaml. Kinds:
 
 ``full``     AdamW over every parameter, Lightning's default strategy.
 ``hift``     ``HiFTStrategy`` (this project) with the entry's order, ``layers_per_block`` and ``optimizer_state``.

@@ -1,7 +1,7 @@
 """The benchmark's report: experiments/results/benchmark.md and its plots, from the records the runs wrote.
 
 Everything here is derived from the records ``benchmark_runs/<suite>/<method>/lr=<lr>-seed=<seed>.json`` (each holds
-its suite's settings too), so ``python experiments/benchmark.py --report-only`` rebuilds the same report without
+its suite's settings too), so ``python experiments/benchmark.py report_only=true`` rebuilds the same report without
 training. A suite whose runs are not all done yet is reported with what it has, and says what is missing.
 """
 
@@ -209,10 +209,10 @@ def write_report(out: Path) -> Path:
     lines = [
         "# Benchmark: HiFT against full fine-tuning and peer methods, over seeds",
         "",
-        "Written by `experiments/benchmark.py` (settings: `experiments/benchmark.yaml`) from the records in"
+        "Written by `experiments/benchmark.py` (settings: `conf/benchmark.yaml`) from the records in"
         " `benchmark_runs/`, one JSON file per run (method, rate, seed) with its settings, figures, loss curve and"
         " evaluations. Rebuild this page and its plots from them with `python experiments/benchmark.py"
-        " --report-only`.",
+        " report_only=true`.",
         "",
         *protocol(),
     ]
@@ -228,9 +228,9 @@ def protocol() -> list[str]:
     return [
         "How every method is run and measured, the same way in every suite:",
         "",
-        "- *Rate*: each method runs every rate of its grid (3 values, in `benchmark.yaml` with where they come from)"
-        " with the first seed; the rate whose run scores best on the validation split (disjoint from the test split)"
-        " is the method's rate, and the other seeds run at it. The test split is never used to choose anything.",
+        "- *Rate*: each method runs every rate of its grid (3 values, in `conf/benchmark.yaml` with where they come"
+        " from) with the first seed; the rate whose run scores best on the validation split (disjoint from the test"
+        " split) is the method's rate, and the other seeds run at it. The test split is never used to choose anything.",
         "- *Seeds*: a seed sets the order of the training batches, the new head's initial weights, dropout, and the"
         " random draws of a method (LISA's layers); the data splits are the same for every run. Scores are the mean ±"
         " the sample standard deviation over the seeds.",
@@ -300,7 +300,7 @@ def suite_section(out: Path, suite: str, records: list[Record]) -> list[str]:
         f"## {SUITE_TITLES.get(suite, suite)}",
         "",
         # Every method of the suite; runs whose records exist are skipped, so it also finishes a partial suite.
-        f"Command: `python experiments/benchmark.py --suite {suite}`",
+        f"Command: `python experiments/benchmark.py suite={suite}`",
         "",
         f"Machine: {first.get('machine', '?')}; {first.get('threads', '?')} torch threads per run; each run alone, in"
         " its own process."

@@ -1,20 +1,20 @@
 """Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo): a learning rate chosen
 per method on a validation split, then several seeds at that rate, every run in its own process.
 
-    python experiments/benchmark.py --suite tweets       # about 1 h on 2 idle CPU cores (35 runs)
+    python experiments/benchmark.py suite=tweets         # about 1 h on 2 idle CPU cores (35 runs)
     python experiments/benchmark.py                      # all three suites, several hours: resumable, see below
-    python experiments/benchmark.py --suite tweets --methods full hift lora
-    python experiments/benchmark.py --steps 8 --eval-every 4 --suite tweets --out /tmp/bench   # a smoke run
-    python experiments/benchmark.py --report-only        # rebuild the tables and plots from the saved records
+    python experiments/benchmark.py suite=tweets methods=[full,hift,lora]
+    python experiments/benchmark.py suite=tweets steps=8 eval_every=4 out=/tmp/bench   # a smoke run
+    python experiments/benchmark.py report_only=true     # rebuild the tables and plots from the saved records
 
-Settings come from experiments/benchmark.yaml (model, data, batch size, sequence length, steps, evaluation interval,
-seeds, each method's settings and learning-rate grid); ``--set tweets.data.train_size=64`` overrides any of them.
+Settings come from conf/benchmark.yaml (model, data, batch size, sequence length, steps, evaluation interval, seeds,
+each method's settings and learning-rate grid), composed by Hydra: ``tweets.data.train_size=64`` overrides any of them.
 Suites: ``tweets`` (MiniLM, balanced tweet sentiment), ``bbc`` (MiniLM, BBC news topics, longer texts) and
 ``smollm2`` (SmolLM2-135M causal language modelling). In each suite, every method first runs each rate of its grid
 with the first seed; the rate with the best validation score (a split disjoint from the test split) is its rate, and
-the other seeds run at it. Each run is a fresh process (``--run-one SUITE/METHOD/LR/SEED``), so its peak resident
+the other seeds run at it. Each run is a fresh process (``run_one=SUITE/METHOD/LR/SEED``), so its peak resident
 memory is its own, and writes its JSON record as it finishes: a run whose record exists with the same settings is
-not run again, so an interrupted benchmark continues where it stopped (``--fresh`` starts the suites over). A peer
+not run again, so an interrupted benchmark continues where it stopped (``fresh=true`` starts the suites over). A peer
 whose package is missing or that cannot run here is recorded as unavailable, with the reason. The records become
 ``<out>/benchmark.md`` and the plots ``<out>/benchmark_*.png`` (:mod:`bench_report`).
 """
@@ -26,7 +26,6 @@ import os
 # Set before transformers is imported: it reads the switch once, and this run must never reach for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import json
 import logging
 import shlex
@@ -40,12 +39,14 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import hydra
 import psutil
 import torch
 from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
 from bench_report import choose_lr, lr_text, write_report
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from run_summary import peak_memory
 from torch import nn
 from torch.optim import Optimizer
@@ -60,49 +61,49 @@ from lightning_hift.tasks import (
     load_sequence_classifier,
 )
 
-CONFIG = Path(__file__).with_name("benchmark.yaml")
+CONF = Path(__file__).resolve().parents[1] / "conf"
 RESULTS = Path(__file__).with_name("results")
 SUITES = ("tweets", "bbc", "smollm2")
 METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}
 """What a run is scored by, as the task module logs it (both the test and the validation split run as validation)."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (default: all)")
-    parser.add_argument("--steps", type=int, help="optimizer steps of every method (default: the config's)")
-    parser.add_argument("--eval-every", type=int, help="optimizer steps between evaluations (default: the config's)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
-    parser.add_argument("--config", type=Path, default=CONFIG, help="the settings (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table, plots and records go")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from saved records")
-    parser.add_argument("--fresh", action="store_true", help="delete the selected suites' records and start over")
-    parser.add_argument("--run-one", metavar="SUITE/METHOD/LR/SEED", help=argparse.SUPPRESS)  # a child's job
-    return parser.parse_args(argv)
+def compose(overrides: list[str]) -> DictConfig:
+    """The benchmark's config (conf/benchmark.yaml) with Hydra command-line overrides applied, as ``main`` gets it."""
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return hydra.compose(config_name="benchmark", overrides=overrides)
 
 
-def selected_suites(args: argparse.Namespace) -> list[str]:
-    return list(SUITES) if args.suite == "all" else [args.suite]
+def output_dir(config: DictConfig) -> Path:
+    return Path(config.out) if config.out is not None else RESULTS
 
 
-def load_config(args: argparse.Namespace) -> DictConfig:
-    """The config file with the command line's overrides applied; checks that ``--methods`` names exist.
+def selected_suites(config: DictConfig) -> list[str]:
+    """The suites ``suite=`` names.
 
     Raises:
-        SystemExit: A method named by ``--methods`` is in none of the selected suites.
+        SystemExit: ``suite`` is not a suite.
     """
-    config = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.set))
-    assert isinstance(config, DictConfig)
-    for suite in selected_suites(args):
-        if args.steps is not None:
-            config[suite].steps = args.steps
-        if args.eval_every is not None:
-            config[suite].eval_every = args.eval_every
-    known = {name for suite in selected_suites(args) for name in config[suite].methods}
-    unknown = sorted(set(args.methods or ()) - known)
+    if config.suite not in (*SUITES, "all"):
+        raise SystemExit(f"Unknown suite={config.suite!r}; choose one of {[*SUITES, 'all']}.")
+    return list(SUITES) if config.suite == "all" else [config.suite]
+
+
+def check(config: DictConfig) -> DictConfig:
+    """Applies ``steps=`` and ``eval_every=`` to the selected suites; checks that ``methods=`` names exist.
+
+    Raises:
+        SystemExit: A method named by ``methods`` is in none of the selected suites.
+    """
+    for suite in selected_suites(config):
+        if config.steps is not None:
+            config[suite].steps = config.steps
+        if config.eval_every is not None:
+            config[suite].eval_every = config.eval_every
+    known = {name for suite in selected_suites(config) for name in config[suite].methods}
+    unknown = sorted(set(config.methods or ()) - known)
     if unknown:
-        raise SystemExit(f"Unknown method(s) {unknown} for --suite {args.suite}; choose from {sorted(known)}.")
+        raise SystemExit(f"Unknown method(s) {unknown} for suite={config.suite}; choose from {sorted(known)}.")
     return config
 
 
@@ -373,7 +374,7 @@ def record_path(out: Path, suite: str, method: str, lr: float, seed: int) -> Pat
 def spawn(out: Path, suite: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
     """Run one method in a child process; return a failure record if it wrote none (its traceback is shown)."""
     job = f"{suite}/{method}/{lr!r}/{seed}"
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", job, "--out", str(out)]
+    command = [sys.executable, str(Path(__file__).resolve()), f"run_one={job}", f"out={out}"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
     tail: deque[str] = deque(maxlen=1)
@@ -426,23 +427,24 @@ def _run_config(entry: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in entry.items() if key not in ("lr_grid", "lr_from")}
 
 
-def child_main(args: argparse.Namespace) -> None:
-    """``--run-one SUITE/METHOD/LR/SEED``: one run with the settings the driver saved, its record written to disk."""
-    suite, method, lr, seed = args.run_one.split("/")
-    config = OmegaConf.load(args.out / "benchmark_runs" / "config.yaml")
+def child_main(job: str, out: Path) -> None:
+    """``run_one=SUITE/METHOD/LR/SEED``: one run with the settings the driver saved, its record written to disk."""
+    suite, method, lr, seed = job.split("/")
+    config = OmegaConf.load(out / "benchmark_runs" / "config.yaml")
     assert isinstance(config, DictConfig)
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's device banners, per run
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    write_record(args.out, run_one(config, suite, method, float(lr), int(seed)))
+    write_record(out, run_one(config, suite, method, float(lr), int(seed)))
 
 
-def prepare(args: argparse.Namespace, argv: list[str] | None = None) -> DictConfig:
+def prepare(config: DictConfig, overrides: list[str]) -> DictConfig:
     """The run's settings, with the command that produced them, saved where the child processes read them."""
-    config = load_config(args)
-    config.command = shlex.join(["python", "experiments/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
-    (args.out / "benchmark_runs").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, args.out / "benchmark_runs" / "config.yaml")
+    config = check(config)
+    with open_dict(config):
+        config.command = shlex.join(["python", "experiments/benchmark.py", *overrides])
+    (output_dir(config) / "benchmark_runs").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, output_dir(config) / "benchmark_runs" / "config.yaml")
     return config
 
 
@@ -450,8 +452,8 @@ class Driver:
     """Runs what is missing of the selected suites: each method's grid at the first seed, then its other seeds at
     the rate the grid chose. Records failures as records, so the report says what is missing and why."""
 
-    def __init__(self, args: argparse.Namespace, config: DictConfig) -> None:
-        self.out: Path = args.out
+    def __init__(self, config: DictConfig) -> None:
+        self.out = output_dir(config)
         self.config = config
         self.failed: list[str] = []
 
@@ -487,21 +489,27 @@ class Driver:
                 self.run(suite, method, rate, seed)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.run_one:
-        child_main(args)
+@hydra.main(config_path=str(CONF), config_name="benchmark", version_base=None)
+def main(config: DictConfig) -> None:
+    benchmark(config, list(HydraConfig.get().overrides.task))
+
+
+def benchmark(config: DictConfig, overrides: list[str]) -> None:
+    """What ``main`` does with the composed config and the command line's overrides."""
+    out = output_dir(config)
+    if config.run_one:
+        child_main(config.run_one, out)
         return
-    if args.report_only:
-        write_report(args.out)
+    if config.report_only:
+        write_report(out)
         return
-    config = prepare(args, argv)
-    driver = Driver(args, config)
-    for suite in selected_suites(args):
-        if args.fresh:
-            shutil.rmtree(records_dir(args.out, suite), ignore_errors=True)
-        driver.suite(suite, methods_of(config, suite, args.methods))
-        write_report(args.out)  # after each suite, so that a long benchmark shows its finished parts
+    config = prepare(config, overrides)
+    driver = Driver(config)
+    for suite in selected_suites(config):
+        if config.fresh:
+            shutil.rmtree(records_dir(out, suite), ignore_errors=True)
+        driver.suite(suite, methods_of(config, suite, config.methods))
+        write_report(out)  # after each suite, so that a long benchmark shows its finished parts
     if driver.failed:
         raise SystemExit(f"These runs failed (see their tracebacks above): {', '.join(driver.failed)}")
 

@@ -112,15 +112,14 @@ class InProcess:
 
 
 def drive(bench: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> InProcess:
-    """Run the driver as ``main(argv)`` would, with every run in this process; return what it ran."""
-    args = bench.parse_args(argv)
-    config = bench.prepare(args, argv)
+    """Run the driver as ``main`` would with these overrides, with every run in this process; return what it ran."""
+    config = bench.prepare(bench.compose(argv), argv)
     runner = InProcess(bench, config)
     monkeypatch.setattr(bench, "spawn", runner)
-    driver = bench.Driver(args, config)
-    for suite in bench.selected_suites(args):
-        driver.suite(suite, bench.methods_of(config, suite, args.methods))
-    bench.write_report(args.out)
+    driver = bench.Driver(config)
+    for suite in bench.selected_suites(config):
+        driver.suite(suite, bench.methods_of(config, suite, config.methods))
+    bench.write_report(bench.output_dir(config))
     return runner
 
 
@@ -132,8 +131,8 @@ def results(
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as monkeypatch:
         for suite, methods in {"tweets": CLASSIFIER_METHODS, "smollm2": DECODER_METHODS}.items():
-            argv = ["--suite", suite, "--methods", *filter(installed, methods), "--steps", str(STEPS)]
-            drive(bench, [*argv, "--eval-every", "2", "--out", str(out), "--set", *overrides(tiny_models)], monkeypatch)
+            argv = [f"suite={suite}", f"methods=[{','.join(filter(installed, methods))}]", f"steps={STEPS}"]
+            drive(bench, [*argv, "eval_every=2", f"out={out}", *overrides(tiny_models)], monkeypatch)
     return out
 
 
@@ -216,9 +215,8 @@ def test_adalomo_runs_under_manual_optimization(
 ) -> None:
     """AdaLomo (which calls .cuda() itself) trains every parameter through its fused update inside backward."""
     pytest.importorskip("lomo_optim")
-    settings = ["--set", *overrides(tiny_models), "accelerator=gpu"]
-    args = bench.parse_args(["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), *settings])
-    found = bench.run_one(bench.load_config(args), "tweets", "adalomo", 1e-3, 0)
+    config = bench.compose(["suite=tweets", "steps=3", f"out={tmp_path}", *overrides(tiny_models), "accelerator=gpu"])
+    found = bench.run_one(bench.check(config), "tweets", "adalomo", 1e-3, 0)
     assert found["status"] == "ok", found.get("reason")
     assert found["steps"] == 3
     assert found["trainable_mean"] == found["params"]
@@ -232,10 +230,8 @@ def test_a_peer_that_cannot_run_here_is_recorded_as_unavailable_with_the_reason(
     if torch.cuda.is_available():
         pytest.skip("AdaLomo runs on a CUDA machine")
     pytest.importorskip("lomo_optim")
-    args = bench.parse_args(
-        ["--suite", "tweets", "--steps", "3", "--out", str(tmp_path), "--set", *overrides(tiny_models)]
-    )
-    found = bench.run_one(bench.load_config(args), "tweets", "adalomo", 1e-3, 0)
+    config = bench.compose(["suite=tweets", "steps=3", f"out={tmp_path}", *overrides(tiny_models)])
+    found = bench.run_one(bench.check(config), "tweets", "adalomo", 1e-3, 0)
     assert found["status"] == "unavailable"
     assert "CUDA" in found["reason"] and "lomo_optim" in found["reason"]
 
@@ -268,15 +264,15 @@ def test_report_gives_mean_and_spread_and_draws_the_plots(results: Path) -> None
 
 def test_report_only_rebuilds_the_same_page(bench: ModuleType, results: Path) -> None:
     before = (results / "benchmark.md").read_text()
-    bench.main(["--report-only", "--out", str(results)])
+    bench.benchmark(bench.compose(["report_only=true", f"out={results}"]), [])
     assert (results / "benchmark.md").read_text() == before
 
 
 def test_a_second_sitting_runs_only_what_is_missing_or_stale(
     bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv = ["--suite", "tweets", "--methods", "full", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path)]
-    settings = ["--set", *overrides(tiny_models), "tweets.methods.full.lr_grid=[1e-4,1e-3]"]
+    argv = ["suite=tweets", "methods=[full]", "steps=2", "eval_every=2", f"out={tmp_path}"]
+    settings = [*overrides(tiny_models), "tweets.methods.full.lr_grid=[1e-4,1e-3]"]
     first = drive(bench, [*argv, *settings], monkeypatch)
     assert len(first.jobs) == 2 + (SEEDS - 1)
     (tmp_path / "benchmark_runs" / "tweets" / "full" / "lr=1e-3-seed=0.json").unlink()  # an interrupted sitting
@@ -291,38 +287,27 @@ def test_a_second_sitting_runs_only_what_is_missing_or_stale(
 def test_a_partial_suite_says_what_is_missing(
     bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv = [
-        "--suite",
-        "tweets",
-        "--methods",
-        "full",
-        "hift",
-        "--steps",
-        "2",
-        "--eval-every",
-        "2",
-        "--out",
-        str(tmp_path),
-    ]
-    drive(bench, [*argv, "--set", *overrides(tiny_models)], monkeypatch)
+    argv = ["suite=tweets", "methods=[full,hift]", "steps=2", "eval_every=2", f"out={tmp_path}"]
+    drive(bench, [*argv, *overrides(tiny_models)], monkeypatch)
     (tmp_path / "benchmark_runs" / "tweets" / "hift").joinpath(
         next(path.name for path in (tmp_path / "benchmark_runs" / "tweets" / "hift").glob("*seed=1.json"))
     ).unlink()
-    bench.main(["--report-only", "--out", str(tmp_path)])
+    bench.benchmark(bench.compose(["report_only=true", f"out={tmp_path}"]), [])
     assert (
         "**Not complete yet**: HiFT (defaults) (3 of 3 rates, 1 of 2 seeds)" in (tmp_path / "benchmark.md").read_text()
     )
 
 
 def test_driver_runs_each_job_in_its_own_process(
-    bench: ModuleType, tiny_models: dict[str, Path], tmp_path: Path
+    bench: ModuleType, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    argv = ["--suite", "tweets", "--methods", "hift", "--steps", "2", "--eval-every", "2"]
+    argv = ["suite=tweets", "methods=[hift]", "steps=2", "eval_every=2", f"out={tmp_path}"]
     one_run = ["tweets.seeds=1", "tweets.methods.hift.lr_grid=[1e-4]", "threads=1"]
-    bench.main([*argv, "--out", str(tmp_path), "--set", *overrides(tiny_models), *one_run])
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", *argv, *overrides(tiny_models), *one_run])
+    bench.main()  # through Hydra's command line, as `python experiments/benchmark.py ...` runs it
     (found,) = records(tmp_path, "tweets", "hift")
     assert found["status"] == "ok" and found["threads"] == 1 and found["lr"] == 1e-4
-    assert found["command"].startswith("python experiments/benchmark.py --suite tweets")
+    assert found["command"].startswith("python experiments/benchmark.py suite=tweets 'methods=[hift]'")
     assert "| HiFT (defaults) |" in (tmp_path / "benchmark.md").read_text()
 
 
@@ -330,16 +315,18 @@ def test_a_missing_peer_package_is_reported_as_unavailable(
     bench: ModuleType, tiny_models: dict[str, Path], one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
-    args = bench.parse_args(["--suite", "tweets", "--out", str(tmp_path), "--set", *overrides(tiny_models)])
-    found = bench.run_one(bench.load_config(args), "tweets", "lora", 5e-4, 0)
+    config = bench.compose(["suite=tweets", f"out={tmp_path}", *overrides(tiny_models)])
+    found = bench.run_one(bench.check(config), "tweets", "lora", 5e-4, 0)
     assert found["status"] == "unavailable"
     assert "peft" in found["reason"] and "pip install -e '.[bench]'" in found["reason"]
 
 
 def test_unknown_methods_are_named(bench: ModuleType, tmp_path: Path) -> None:
-    args = bench.parse_args(["--suite", "smollm2", "--methods", "adalomo", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"Unknown method\(s\) \['adalomo'\] for --suite smollm2"):
-        bench.load_config(args)
+    config = bench.compose(["suite=smollm2", "methods=[adalomo]", f"out={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"Unknown method\(s\) \['adalomo'\] for suite=smollm2"):
+        bench.check(config)
+    with pytest.raises(SystemExit, match=r"Unknown suite='tweet'; choose one of"):
+        bench.check(bench.compose(["suite=tweet"]))
 
 
 def test_the_verdict_calls_gaps_within_the_seed_spread_level(report: ModuleType) -> None:
