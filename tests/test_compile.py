@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from lightning_hift.compile import COMPILED_ATTRIBUTES, compile_by_unit
 from tests.helpers.lightning import Callback, HiFTStrategy, Trainer, pl
-from tests.helpers.modules import WIDTH, TinyModule, TinyStack, fit
+from tests.helpers.modules import WIDTH, TinyModule, fit
+from tests.helpers.tiny_models import TinyMLPStack
 
 LAYERS = 8
 UNITS = LAYERS + 2  # embeddings, the layers, the output end: 10 blocks, more than dynamo's recompile_limit of 8
@@ -74,10 +75,10 @@ class ForwardModule(TinyModule):
         return self.train_dataloader()
 
 
-class CompiledStack(TinyStack):
+class CompiledStack(TinyMLPStack):
     """A stack whose ``forward`` is compiled by a decorator on the class."""
 
-    forward = torch.compile(TinyStack.forward, backend="eager")
+    forward = torch.compile(TinyMLPStack.forward, backend="eager")
 
 
 def whole_module(module: TinyModule, backend: str = "eager") -> Any:

@@ -11,25 +11,14 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers.optimization import Adafactor
 
 from tests.helpers.lightning import Callback, LightningModule, Trainer
+from tests.helpers.tiny_models import TinyMLPStack
 
 VOCAB, WIDTH, CLASSES, SEQ = 32, 16, 4, 6
 
 
-class TinyStack(nn.Module):
-    """Embeddings, four identical layers, a norm and a head: six units under HiFT."""
-
-    def __init__(self, num_layers: int = 4) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(WIDTH)
-        self.head = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        hidden = self.embed(tokens)
-        for layer in self.layers:
-            hidden = hidden + layer(hidden)
-        return self.head(self.norm(hidden).mean(dim=1))
+def tiny_stack(num_layers: int = 4) -> TinyMLPStack:
+    """Embeddings, ``num_layers`` identical layers, a norm and a classifier head: ``num_layers + 2`` units."""
+    return TinyMLPStack(vocab_size=VOCAB, width=WIDTH, num_layers=num_layers, classes=CLASSES)
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
@@ -68,7 +57,7 @@ class TinyModule(LightningModule):
         batch_size: int = 4,
     ) -> None:
         super().__init__()
-        self.net = TinyStack(num_layers)
+        self.net = tiny_stack(num_layers)
         self.optimizer_name, self.lr, self.schedule = optimizer, lr, schedule
         generator = torch.Generator().manual_seed(1234)
         tokens = torch.randint(0, VOCAB, (samples, SEQ), generator=generator)

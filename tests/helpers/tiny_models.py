@@ -60,14 +60,25 @@ class TinyMLPBlock(nn.Module):
 
 
 class TinyMLPStack(nn.Module):
-    """Embedding, ``num_layers`` identical blocks, a final norm and a head: ``num_layers + 2`` units."""
+    """Embedding, ``num_layers`` identical blocks, a final norm and a head: ``num_layers + 2`` units.
 
-    def __init__(self, vocab_size: int = 32, width: int = 8, num_layers: int = 4, tie_head: bool = False) -> None:
+    A language model (a logit per token) by default; with ``classes``, a classifier of the mean hidden state.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32,
+        width: int = 8,
+        num_layers: int = 4,
+        tie_head: bool = False,
+        classes: int | None = None,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width)
         self.layers = nn.ModuleList(TinyMLPBlock(width) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size, bias=False)
+        self.pool = classes is not None
+        self.head = nn.Linear(width, classes) if classes is not None else nn.Linear(width, vocab_size, bias=False)
         if tie_head:
             # The head reuses the embedding matrix, as GPT-style models do.
             self.head.weight = self.embed.weight
@@ -76,7 +87,8 @@ class TinyMLPStack(nn.Module):
         hidden = self.embed(tokens)
         for layer in self.layers:
             hidden = layer(hidden)
-        return self.head(self.norm(hidden))
+        hidden = self.norm(hidden)
+        return self.head(hidden.mean(dim=1) if self.pool else hidden)
 
 
 def _llama(tie: bool) -> nn.Module:
