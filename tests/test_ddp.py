@@ -110,7 +110,11 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: b
         if exact:
             assert torch.equal(a[name], b[name]), name
         else:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+            # Summing over processes rounds differently, and AdamW turns that into an update difference where a
+            # gradient element is near its eps (up to 5e-5 seen over 12 steps, hift_ddp and hift_fsdp alike). A
+            # wrong step moves a weight by about the learning rate: 1e-2 to 3e-2 here.
+            diff = float((a[name] - b[name]).abs().max())
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=f"{name}: {diff:.2e}")
 
 
 @pytest.mark.parametrize(
