@@ -246,8 +246,6 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
                 "strategy='hift_ddp' does not synchronise batch-norm statistics. Remove `sync_batchnorm=True`."
             )
         super().setup(trainer)
-        if self.blocks:
-            self._check_same_blocks()
 
     @override
     def _sync_model_states(self) -> None:
@@ -266,17 +264,6 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
 
     def _broadcast_from_first(self, tensors: Sequence[Tensor]) -> None:
         broadcast_from_first(tensors, self.root_device, self.bucket_bytes)
-
-    def _check_same_blocks(self) -> None:
-        mine = [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks]
-        mine_settings = (self.layers_per_block, self.order, self.seed, self.switch_every)
-        theirs, theirs_settings = self.broadcast((mine, mine_settings))
-        if mine != theirs or mine_settings != theirs_settings:
-            raise HiFTConfigError(
-                f"Process {self.global_rank} cut the model into different blocks, or has different HiFT settings,"
-                " than process 0. Give every process the same model and the same HiFTDDPStrategy arguments"
-                " (layers_per_block, order, seed, switch_every)."
-            )
 
     @contextmanager
     @override

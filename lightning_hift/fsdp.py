@@ -25,16 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from lightning_hift import lr
+from lightning_hift.blocks import Block
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
+from lightning_hift.precision import all_finite
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
 from lightning_hift.units import LayersSpec, find_units
 
@@ -196,6 +198,27 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         return checkpoint
 
     @override
+    def _grad_rms(self, block: Block) -> float:
+        # Sums of squares over each process's shards, added up across processes: the whole gradient's RMS.
+        local = [_local(p.grad).detach().float() for p in block.params if p.grad is not None]
+        totals = torch.tensor(
+            [sum(float(t.square().sum()) for t in local), sum(t.numel() for t in local)],
+            dtype=torch.float64,
+            device=self.root_device,
+        )
+        torch.distributed.all_reduce(totals)
+        return float(totals[0].sqrt() / totals[1].clamp(min=1).sqrt())
+
+    @override
+    def _all_finite(self, grads: list[Tensor]) -> bool:
+        # Each process holds only its shard of the reduced gradients: one all-reduced verdict, so that every process
+        # skips the step (or stops) together and the shards stay one model.
+        local = [t for t in map(_local, grads) if t.numel()]
+        verdict = torch.tensor([int(not local or all_finite(local))], dtype=torch.int32, device=self.root_device)
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
+        return bool(verdict.item())
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
@@ -264,6 +287,13 @@ def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
                 " plan from `configure_model`."
             )
     _refuse_precision(precision_plugin)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's shard of a DTensor; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from lightning_hift.blocks import partition
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import local
 from lightning_hift.transfer import HOST
+from lightning_hift.units import find_units
 
 if TYPE_CHECKING:
     from lightning_hift.strategy import HiFTStrategyBase
@@ -42,6 +43,19 @@ STATE_TENSORS_PER_PARAM: dict[str, int] = {
     "sgd": 0,
 }
 """Optimizer-state tensors the size of a parameter that each optimizer keeps (RMSprop without momentum)."""
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama2-7b": {},  # transformers' LlamaConfig defaults
+    "llama2-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40},
+    "llama2-70b": {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    },
+}
+"""Model shapes the planner knows by name (LLaMA-2's published sizes), so that no config needs to be downloaded."""
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "mixed")
 """Lightning's precision names, plus ``"mixed"``: half weights with fp32 master copies of every weight and fp32
@@ -113,7 +127,7 @@ def estimate_memory(
 
     Args:
         model_or_config: an ``nn.Module``, a ``transformers.PretrainedConfig``, a model folder or hub name (its
-            config is read), or ``"llama2-7b"`` (LLaMA-2-7B's shape, transformers' ``LlamaConfig`` defaults).
+            config is read), or a name in :data:`SHAPES` (``"llama2-7b"``, ``"llama2-13b"``, ``"llama2-70b"``).
         precision: one of :data:`PRECISIONS`.
         optimizer: a key of :data:`STATE_TENSORS_PER_PARAM`.
         layers_per_block: HiFT's ``layers_per_block``.
@@ -135,7 +149,20 @@ def estimate_memory(
         raise HiFTConfigError(f"Unknown precision={precision!r}. Choose one of {list(PRECISIONS)}.")
     if optimizer not in STATE_TENSORS_PER_PARAM:
         raise HiFTConfigError(f"Unknown optimizer={optimizer!r}. Choose one of {sorted(STATE_TENSORS_PER_PARAM)}.")
-    model = _as_model(model_or_config)
+    return _estimate(
+        _as_model(model_or_config), precision, optimizer, layers_per_block, optimizer_state, layers, prefetch
+    )
+
+
+def _estimate(
+    model: nn.Module,
+    precision: str,
+    optimizer: str,
+    layers_per_block: int,
+    optimizer_state: str,
+    layers: Any,
+    prefetch: bool,
+) -> MemoryEstimate:
     blocks = partition(model, layers_per_block, layers=layers)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(block.numel() for block in blocks)
@@ -183,8 +210,8 @@ def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
         ) from err
 
     config = model_or_config
-    if config == "llama2-7b":
-        config = transformers.LlamaConfig()
+    if isinstance(config, str) and config in SHAPES:
+        config = transformers.LlamaConfig(**SHAPES[config])
     elif isinstance(config, str):
         config = transformers.AutoConfig.from_pretrained(config)
     if not isinstance(config, transformers.PretrainedConfig):
@@ -199,6 +226,90 @@ def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
             except ValueError:
                 continue
     raise HiFTConfigError(f"transformers has no model class for model_type={config.model_type!r}.")
+
+
+SHARDED_STRATEGIES = ("fsdp", "hift_ddp", "hift_fsdp")
+"""What :func:`estimate_per_rank` compares: Lightning's FSDP full fine-tuning, and HiFT replicated or sharded."""
+
+
+@dataclass
+class PerRankEstimate:
+    """Model-state bytes of one process of ``world_size``, for each of :data:`SHARDED_STRATEGIES`.
+
+    The kind ``"gathered"`` is what FSDP holds whole for a moment: the largest unit's weights while its forward or
+    backward runs, and its gradient before the reduce-scatter.
+    """
+
+    world_size: int
+    one_device: MemoryEstimate
+    largest_unit: int
+    ranks: dict[str, MemoryBreakdown]
+
+    def table(self) -> str:
+        """A text table in GiB (2**30 bytes) per process."""
+        one = self.one_device
+        lines = [
+            f"{one.num_params / 1e6:,.2f} M params, largest unit {self.largest_unit / 1e6:,.2f} M;"
+            f" optimizer {one.optimizer}, precision {one.precision}; per process of {self.world_size}",
+            f"{'GiB':<24}"
+            + "".join(f"{name + ' device':>18}" for name in SHARDED_STRATEGIES)
+            + f"{'hift_fsdp host':>18}",
+        ]
+        for kind in (*KINDS, "gathered"):
+            cells = [self.ranks[name].get(kind, "device") for name in SHARDED_STRATEGIES]
+            cells.append(self.ranks["hift_fsdp"].get(kind, "host"))
+            lines.append(f"{kind:<24}" + "".join(f"{n / GIB:>18.2f}" for n in cells))
+        totals = [self.ranks[name].total("device") for name in SHARDED_STRATEGIES]
+        totals.append(self.ranks["hift_fsdp"].total("host"))
+        lines.append(f"{'total':<24}" + "".join(f"{n / GIB:>18.2f}" for n in totals))
+        return "\n".join(lines)
+
+
+def estimate_per_rank(
+    model_or_config: nn.Module | Any,
+    world_size: int,
+    precision: str = "32-true",
+    optimizer: str = "adamw",
+    layers_per_block: int = 1,
+    optimizer_state: str = "offload",
+    layers: Any = None,
+    prefetch: bool = True,
+) -> PerRankEstimate:
+    """Predict each process's model-state bytes on ``world_size`` processes: Lightning's FSDP full fine-tuning,
+    ``hift_ddp`` (every process holds the whole model and the active block's gradients and state) and ``hift_fsdp``
+    (weights, the active block's gradients, state and masters, and the resting state all split N ways).
+
+    Both FSDP columns add one gathered unit, its weights and its gradient, at the largest unit's size; FSDP2's
+    padding of a shard (under one row per tensor) is left out. Arguments as for :func:`estimate_memory`.
+
+    Example:
+        >>> fsdp = estimate_per_rank("llama2-70b", world_size=8, precision="32-true").ranks["fsdp"]
+        >>> hift_fsdp = estimate_per_rank("llama2-70b", world_size=8, precision="bf16-true").ranks["hift_fsdp"]
+        >>> round(fsdp.total("device") / 1e9, 1), round(hift_fsdp.total("device") / 1e9, 1)
+        (144.8, 23.7)
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise HiFTConfigError(f"world_size must be a positive whole number, got {world_size!r}.")
+    model = _as_model(model_or_config)
+    one = estimate_memory(model, precision, optimizer, layers_per_block, optimizer_state, layers, prefetch)
+    params = dict(model.named_parameters())
+    unit = max(sum(params[name].numel() for name in u.param_names) for u in find_units(model, layers))
+    weight_bytes = 2 if precision in ("bf16-true", "16-true", "mixed") else 4
+    grad_bytes = 2 if precision in ("bf16-true", "16-true") else 4
+    ranks = {"fsdp": MemoryBreakdown(), "hift_ddp": MemoryBreakdown(), "hift_fsdp": MemoryBreakdown()}
+    for (kind, place), nbytes in one.fpft.bytes.items():
+        ranks["fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
+    for (kind, place), nbytes in one.hift.bytes.items():
+        ranks["hift_ddp"].add(kind, place, nbytes)
+        ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
+    if world_size > 1:
+        for name in ("fsdp", "hift_fsdp"):
+            ranks[name].add("gathered", "device", (weight_bytes + grad_bytes) * unit)
+    return PerRankEstimate(world_size, one, unit, ranks)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
@@ -249,7 +360,7 @@ def _state_bytes(state: Any, params: Iterable[torch.Tensor]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Model-state memory of full fine-tuning vs HiFT.")
-    parser.add_argument("model", help="'llama2-7b', a model folder, or a hub name (its config.json is read)")
+    parser.add_argument("model", help="'llama2-7b' (-13b, -70b), a model folder, or a hub name (its config.json)")
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--optimizer", default="adamw", choices=sorted(STATE_TENSORS_PER_PARAM))
     parser.add_argument("--layers-per-block", type=int, default=1)
@@ -257,16 +368,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-prefetch", action="store_true", help="count the active block only (as the HiFT paper does)"
     )
-    args = parser.parse_args(argv)
-    estimate = estimate_memory(
-        args.model,
-        args.precision,
-        args.optimizer,
-        args.layers_per_block,
-        optimizer_state=args.optimizer_state,
-        prefetch=not args.no_prefetch,
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        help="per process of N: Lightning FSDP full fine-tuning, hift_ddp and hift_fsdp side by side",
     )
-    print(estimate.table())
+    args = parser.parse_args(argv)
+    settings = {
+        "precision": args.precision,
+        "optimizer": args.optimizer,
+        "layers_per_block": args.layers_per_block,
+        "optimizer_state": args.optimizer_state,
+        "prefetch": not args.no_prefetch,
+    }
+    if args.world_size is not None:
+        print(estimate_per_rank(args.model, args.world_size, **settings).table())
+    else:
+        print(estimate_memory(args.model, **settings).table())
 
 
 if __name__ == "__main__":

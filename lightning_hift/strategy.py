@@ -199,6 +199,7 @@ class HiFTStrategyBase(_Strategy):
             self.setup_optimizers(trainer)
             _check_optimizer(self.optimizers)
             self._setup_blocks()
+            self._check_same_settings()
             self.skipped_nonfinite = 0
             self._warned_no_grad = set()
         self.setup_precision_plugin()
@@ -287,6 +288,24 @@ class HiFTStrategyBase(_Strategy):
         self.compiled_by_unit = compile_by_unit(module, self.layers)
         self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
         self.active_block = None
+
+    def _check_same_settings(self) -> None:
+        """Every process must cut the same blocks and schedule them alike, or they would train different blocks."""
+        if getattr(self, "world_size", 1) == 1:  # single-device strategies have no world size
+            return
+        mine = (
+            [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks],
+            (self.layers_per_block, self.order, self.seed, self.switch_every, self.optimizer_state_mode),
+            (self.lr_update, self.lr_scale, self.on_nonfinite),
+        )
+        if self.broadcast(mine) != mine:
+            raise HiFTConfigError(
+                f"Process {getattr(self, 'global_rank', 0)} cut the model into different blocks, or has different"
+                f" HiFT settings, than process 0. Give every process the same model and the same {type(self).__name__}"
+                " arguments"
+                " (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state, lr_update,"
+                " lr_scale, on_nonfinite)."
+            )
 
     def freeze(self) -> None:
         """Freeze every parameter; training then unfreezes one block at a time. Undone at teardown.
@@ -405,7 +424,7 @@ class HiFTStrategyBase(_Strategy):
                 self._warn_no_grad(block)
             return False
         grads = [p.grad for p in block.params if p.grad is not None]
-        if self._checks_nonfinite() and not all_finite(grads):
+        if self._checks_nonfinite() and not self._all_finite(grads):
             self._on_nonfinite(block)
             self._drop_grads(block)
             return False
@@ -416,6 +435,11 @@ class HiFTStrategyBase(_Strategy):
 
         Afterwards a parameter has a gradient if any process gave it one.
         """
+
+    def _all_finite(self, grads: list[Tensor]) -> bool:
+        """Whether the gradients the step would apply are finite. Processes holding whole gradients (after their
+        all-reduce) reach the same verdict on their own."""
+        return all_finite(grads)
 
     @staticmethod
     def _drop_grads(block: Block) -> None:

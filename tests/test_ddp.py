@@ -83,10 +83,13 @@ def fit_one_process(
     checkpoint_dir: Path | None = None,
     accumulate: int = 1,
     stop_at: int | None = None,
+    clip: float | None = None,
+    optimizer: str = "adamw",
+    module_class: type[ShardedTinyModule] = ShardedTinyModule,
     **hift: Any,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
-    module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
+    module = module_class(optimizer=optimizer, lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
     callbacks: list[Any] = (
         [] if checkpoint_dir is None else [_checkpoint_at_the_end(checkpoint_dir, stop_at or max_steps)]
     )
@@ -96,6 +99,7 @@ def fit_one_process(
         strategy=HiFTStrategy(**hift),
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
         use_distributed_sampler=False,
         callbacks=callbacks,
         enable_checkpointing=checkpoint_dir is not None,

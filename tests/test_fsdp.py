@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from lightning_hift import HiFTConfigError
+from lightning_hift.memory import estimate_per_rank
 from tests.helpers.distributed import ShardedTinyModule, ShardReport, StopAt, load_reports
-from tests.helpers.lightning import HiFTFSDPStrategy, ModelCheckpoint, Trainer
+from tests.helpers.lightning import HiFTCallback, HiFTFSDPStrategy, ModelCheckpoint, Trainer
 from tests.helpers.modules import quiet_trainer
 from tests.test_ddp import GLOBAL_BATCH, SAMPLES, WORLD, assert_same, fit_one_process
 
 pytestmark = pytest.mark.integration
+VERDICT_BYTES = 4
 
 
 def fit_sharded(
@@ -25,6 +27,9 @@ def fit_sharded(
     ckpt_path: Path | None = None,
     checkpoint_dir: Path | None = None,
     stop_at: int | None = None,
+    clip: float | None = None,
+    optimizer: str = "adamw",
+    strategy_class: type[HiFTFSDPStrategy] = HiFTFSDPStrategy,
     **hift: Any,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
@@ -32,16 +37,22 @@ def fit_sharded(
     # Rank 1 starts from skewed weights unless the module shards itself (then its weights are its own business).
     skew = module_class is ShardedTinyModule
     module = module_class(
-        lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH // WORLD, skew_by_rank=skew
+        optimizer=optimizer,
+        lr=1e-2,
+        schedule=(2, 12),
+        samples=SAMPLES,
+        batch_size=GLOBAL_BATCH // WORLD,
+        skew_by_rank=skew,
     )
-    callbacks: list[Any] = [ShardReport(out)]
+    callbacks: list[Any] = [ShardReport(out), HiFTCallback()]  # the report sees each step before the switch
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=stop_at))
     if stop_at is not None:
         callbacks.append(StopAt(stop_at))
     trainer = quiet_trainer(
-        strategy=HiFTFSDPStrategy(start_method="spawn", **hift),
+        strategy=strategy_class(start_method="spawn", **hift),
         devices=WORLD,
+        gradient_clip_val=clip,
         max_steps=max_steps,
         use_distributed_sampler=False,
         callbacks=callbacks,
@@ -65,8 +76,21 @@ def test_two_sharded_processes_train_like_one_process_over_the_global_batch(tmp_
         batches = report["batches"]
         assert len(batches) == steps
         for batch in batches:
-            # FSDP2 reduce-scatters exactly the active block's gradients (the others have none), nothing else.
-            assert batch["sent"] == {"reduce_scatter": batch["block_grad_bytes"], "all_reduce": 0}
+            # FSDP2 reduce-scatters exactly the active block's gradients (the others have none); besides, one int:
+            # the processes' common verdict on whether the gradients are finite.
+            assert batch["sent"] == {"reduce_scatter": batch["block_grad_bytes"], "all_reduce": VERDICT_BYTES}
+    # Each process holds half of the weights and of the active block's gradients and state, as the planner says.
+    planned = estimate_per_rank(ShardedTinyModule(), WORLD, prefetch=False).ranks["hift_fsdp"]  # no prefetch on CPU
+    largest = max(batch["block_grad_bytes"] for batch in reports[0]["batches"])
+    for report in reports:
+        for batch in report["batches"]:
+            held, grads = batch["memory"], batch["block_grad_bytes"]
+            assert held["params_device"] == planned.get("params", "device")
+            assert held["grads_device"] == grads // WORLD
+            assert held["optimizer_state_device"] == 2 * grads // WORLD  # AdamW: two tensors per parameter
+            if grads == largest and hift.get("optimizer_state") != "reset":
+                assert held["grads_device"] == planned.get("grads", "device")
+                assert held["optimizer_state_device"] == planned.get("optimizer_state", "device")
     # Every tensor of optimizer state is split between the processes: together they hold it once.
     for first, second in zip(reports[0]["batches"], reports[1]["batches"], strict=True):
         assert first["state_full_bytes"] == second["state_full_bytes"]
@@ -128,3 +152,48 @@ def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Pat
     assert (
         resumed[0]["batches"][0]["places"] == uninterrupted[0]["batches"][6]["places"] == ["host", "device", "absent"]
     )
+
+
+def test_clipping_and_the_grad_norm_order_see_the_whole_gradient_not_a_shard(tmp_path: Path) -> None:
+    # Both need the norm of the active block's whole gradient, of which each process holds half. The clip is below
+    # the gradients' norm, so steps are clipped, and SGD's update is in proportion to the clipped gradient.
+    hift = {"order": "grad_norm", "optimizer": "sgd", "clip": 0.02}
+    steps = 12  # a measuring cycle, then a drawn one
+    reports = fit_sharded(tmp_path, steps, **hift)
+    assert_same(reports[0]["params"], fit_one_process(steps, **hift), exact=False)
+    # The order weighs blocks by what every process measured alike: the RMS over both shards.
+    measured = [[batch["grad_rms"] for batch in report["batches"]] for report in reports]
+    assert measured[0] == measured[1] and all(rms > 0 for rms in measured[0])
+
+
+class PoisonOneShard(ShardedTinyModule):
+    """At optimizer step 3, process 0 finds an inf in its shard of the active block's gradient; process 1's shard is
+    finite. On one process (no shards) the same element of the whole gradient is poisoned."""
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step != 3 or self.trainer.global_rank != 0:
+            return
+        strategy: Any = self.trainer.strategy
+        grad = strategy.blocks[strategy.active_block].params[0].grad
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        local.view(-1)[0] = float("inf")
+
+
+def test_a_nonfinite_gradient_in_one_shard_skips_the_step_on_every_process(tmp_path: Path) -> None:
+    steps = 6
+    reports = fit_sharded(tmp_path, steps, module_class=PoisonOneShard, lr_scale=1.0)
+    assert [report["skipped"] for report in reports] == [1, 1]
+    assert_same(reports[0]["params"], fit_one_process(steps, module_class=PoisonOneShard, lr_scale=1.0), exact=False)
+
+
+class MismatchedSeed(HiFTFSDPStrategy):
+    """Gives each process a different seed, as a launch script that seeds from the rank by mistake would."""
+
+    def setup(self, trainer: Any) -> None:
+        self.seed = trainer.global_rank
+        super().setup(trainer)
+
+
+def test_processes_that_disagree_on_the_settings_stop_before_training(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"different HiFT settings(.|\n)*MismatchedSeed arguments"):
+        fit_sharded(tmp_path, 2, strategy_class=MismatchedSeed)

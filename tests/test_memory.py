@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.memory import GIB, estimate_memory, main, snapshot
+from lightning_hift.memory import GIB, estimate_memory, estimate_per_rank, main, snapshot
 from tests.helpers.lightning import Callback, HiFTCallback, HiFTStrategy, LightningModule, Trainer
 from tests.helpers.modules import TinyModule, fit
 
@@ -146,3 +146,36 @@ def test_snapshot_after_every_step_is_the_active_block_and_agrees_with_the_plann
                 assert taken.get(kind, "device") == estimate.hift.get(kind, "device")
     assert estimate.hift.get("optimizer_state", "host") == 8 * (total - max(sizes))
     assert trainer.callback_metrics["hift/mem/grads_device"].item() > 0
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_per_rank_estimate_splits_what_fsdp_shards_and_adds_one_gathered_unit(precision: str) -> None:
+    world = 8
+    one = estimate_memory("llama2-70b", precision, "adamw")
+    rank = estimate_per_rank("llama2-70b", world, precision, "adamw")
+    hidden, kv, mlp = 8192, 8 * 128, 28672  # a layer: q and o, k and v (8 of 64 heads), the MLP, two norms
+    assert rank.largest_unit == 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+    gathered = (2 if precision == "bf16-true" else 4) * 2 * rank.largest_unit  # its weights and its gradient
+    for name, whole in (("fsdp", one.fpft), ("hift_fsdp", one.hift)):
+        for (kind, place), nbytes in whole.bytes.items():
+            assert rank.ranks[name].get(kind, place) == -(-nbytes // world)
+        assert rank.ranks[name].get("gathered", "device") == gathered
+    assert rank.ranks["hift_ddp"].bytes == one.hift.bytes  # replicated: nothing is split
+    if precision == "32-true":  # FSDP full fine-tuning with AdamW: about 16 bytes per parameter per process
+        assert rank.ranks["fsdp"].total("device") - gathered == pytest.approx(16 * one.num_params / world, rel=1e-6)
+    else:  # the 70B target: full-parameter fine-tuning on eight 24 GB cards
+        assert rank.ranks["hift_fsdp"].total("device") <= 24e9
+
+
+def test_one_process_gathers_nothing_and_bad_world_sizes_are_refused() -> None:
+    rank = estimate_per_rank("llama2-7b", 1)
+    assert rank.ranks["hift_fsdp"].bytes == estimate_memory("llama2-7b").hift.bytes
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(HiFTConfigError, match="world_size must be a positive whole number"):
+            estimate_per_rank("llama2-7b", bad)  # type: ignore[arg-type]
+
+
+def test_command_line_prints_the_per_rank_table(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["llama2-13b", "--world-size", "8", "--precision", "bf16-true"])
+    out = capsys.readouterr().out
+    assert "per process of 8" in out and "hift_fsdp device" in out and "gathered" in out

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
+from lightning_hift.memory import snapshot
 from tests.helpers.lightning import Callback, HiFTDDPStrategy, LightningModule, Trainer
 from tests.helpers.modules import SkipOnce, TinyModule
 
@@ -175,11 +176,15 @@ class ShardReport(Callback):
                 if isinstance(value, DTensor):
                     local += value.to_local().nbytes
                     full += value.nbytes
-        places = [trainer.strategy.placement.where(block) for block in trainer.strategy.blocks]  # type: ignore[attr-defined]
+        strategy: Any = trainer.strategy
+        places = [strategy.placement.where(block) for block in strategy.blocks]
         self.batches[-1].update(sent=dict(self._sent), state_local_bytes=local, state_full_bytes=full, places=places)
+        self.batches[-1]["grad_rms"] = strategy.last_grad_rms
+        self.batches[-1]["memory"] = {f"{kind}_{place}": n for (kind, place), n in snapshot(strategy).bytes.items()}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         params = get_model_state_dict(pl_module, options=options)  # every process takes part; process 0 gets it
-        report = {"world_size": trainer.world_size, "params": params, "batches": self.batches}
+        skipped = trainer.strategy.skipped_nonfinite  # type: ignore[attr-defined]
+        report = {"world_size": trainer.world_size, "params": params, "batches": self.batches, "skipped": skipped}
         torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")
