@@ -18,6 +18,7 @@ FSDP2 cannot shard one parameter in two groups. Every process starts from proces
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 from datetime import timedelta
@@ -27,13 +28,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hift import lr
 from lightning_hift.blocks import Block
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import OptimizerStateMode
+from lightning_hift.optim_state import OptimizerStateMode, shard_like, whole
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
 from lightning_hift.precision import all_finite
@@ -53,7 +55,9 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
 
     Each process trains the same block on its share of the batch; the block's gradients are reduce-scattered, so
     every process steps its own shard. The HiFT arguments are those of
-    :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values.
+    :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values. Precision
+    ``"32-true"``, ``"bf16-true"`` (bf16 weights, sharded fp32 masters of the active block, gradients summed in fp32)
+    or ``"bf16-mixed"``.
 
     Args:
         start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what torchrun
@@ -146,16 +150,20 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         The root is the LightningModule, whose ``forward`` Lightning may never call: its step methods are
         registered with FSDP2 so that they gather (and afterwards free) the parameters the root group holds.
         """
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = self.device_mesh["data_parallel"]
+        # bf16 weights ("bf16-true"): gradients are summed across processes in fp32, then kept in bf16 until the
+        # fp32 masters take them. Other precisions reduce in their parameters' dtype (fp32).
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        shard = functools.partial(fully_shard, mesh=mesh, mp_policy=policy)
         owners = _owners(model)
         for unit in find_units(model, self.layers):
             modules = _unit_modules(model, unit.param_names)
             inside = {id(m) for module in modules for m in module.modules()}
             if modules and all(owners[id(p)] <= inside for m in modules for p in m.parameters()):
-                fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                shard(modules if len(modules) > 1 else modules[0])
+        shard(model)
         for method in ("training_step", "validation_step", "test_step", "predict_step"):
             if callable(getattr(model, method, None)):
                 register_fsdp_forward_method(model, method)
@@ -166,7 +174,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
 
         Lightning's own loader insists on optimizer state for every parameter, but a block that has not had its
         first turn yet has none; here such parameters keep none, as in the run that wrote the checkpoint, and the
-        waiting blocks' state goes where it rests.
+        waiting blocks' state goes where it rests. Each process reads the whole file and keeps its shards.
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -182,10 +190,18 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         strict = self.lightning_module.strict_loading
         fabric._load_raw_module_state(checkpoint.pop("state_dict"), self.model, self.world_size, strict=strict)
         saved = checkpoint.get("optimizer_states")
-        if self.optimizers and saved:
+        if self.optimizers and saved and all(isinstance(key, int) for key in saved[0]["state"]):
+            # Saved by index (by any HiFT strategy, or plain Lightning on one device): each process keeps its shard.
             (state,) = saved
-            if state["state"]:
-                state = fabric._rekey_optimizer_state_if_needed(state, self.model)
+            params = [p for group in self.optimizers[0].param_groups for p in group["params"]]
+            shards = {
+                index: {key: _shard_like(params[index], value) for key, value in tensors.items()}
+                for index, tensors in state["state"].items()
+            }
+            assert self.placement is not None
+            self.placement.load({"state": shards, "param_groups": state["param_groups"]})
+        elif self.optimizers and saved:  # keyed by parameter name: written by Lightning's ModelParallelStrategy
+            (state,) = saved
             optimizer = self.optimizers[0]
             options = StateDictOptions(full_state_dict=True, strict=False)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
@@ -219,9 +235,23 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         return bool(verdict.item())
 
     @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        # Saved by index, whole, as one process saves it, so that any HiFT strategy resumes it. (Torch's
+        # module-keyed state dict could not name the fp32 masters that the optimizer steps under half precision.)
+        assert self.placement is not None
+        self.placement.synchronize()
+        state = optimizer.state_dict()
+        state["state"] = {
+            index: {key: whole(value).cpu() if isinstance(value, Tensor) else value for key, value in tensors.items()}
+            for index, tensors in state["state"].items()
+        }
+        return state
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
+        _init_fsdp_now(self.model)
 
     @classmethod
     @override
@@ -262,11 +292,21 @@ def _fabric_of(strategy: object) -> str:
 
 
 def _refuse_precision(precision_plugin: Any) -> None:
-    if type(precision_plugin) not in lightning_classes("plugins.precision.Precision"):
-        raise HiFTConfigError(
-            f"strategy='hift_fsdp' trains at precision='32-true' for now, got the {type(precision_plugin).__name__}"
-            " plugin. Pass precision='32-true', or use strategy='hift_ddp' for half and mixed precision."
-        )
+    if type(precision_plugin) in lightning_classes("plugins.precision.Precision") or _bf16(precision_plugin):
+        return
+    raise HiFTConfigError(
+        f"strategy='hift_fsdp' trains at precision '32-true', 'bf16-true' (Mixed^Hi) or 'bf16-mixed', got"
+        f" {getattr(precision_plugin, 'precision', type(precision_plugin).__name__)!r}. fp16 needs loss scaling,"
+        " whose overflow checks see one shard each here: use bf16, or strategy='hift_ddp' for fp16."
+    )
+
+
+def _bf16(precision_plugin: Any) -> bool:
+    half = lightning_classes("plugins.precision.HalfPrecision") + lightning_classes("plugins.precision.MixedPrecision")
+    return isinstance(precision_plugin, half) and getattr(precision_plugin, "precision", None) in (
+        "bf16-true",
+        "bf16-mixed",
+    )
 
 
 def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
@@ -287,6 +327,30 @@ def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
                 " plan from `configure_model`."
             )
     _refuse_precision(precision_plugin)
+
+
+def _init_fsdp_now(model: nn.Module) -> None:
+    """Run FSDP2's one-time set-up now, while every parameter that will ever train still requires grad.
+
+    FSDP2 sets it up at the first forward, and reads each group's reduction dtype from its trainable parameters
+    only: a unit frozen then (every block but the first, under HiFT) would have its gradients reduced in bf16 for
+    the rest of the run instead of the policy's fp32. Called once the weights have their final dtype and device.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[str] = []
+    for name, module in model.named_modules():  # outer modules first
+        if isinstance(module, FSDPModule) and not any(name.startswith(f"{root}.") or not root for root in roots):
+            roots.append(name)
+            module._get_fsdp_state()._lazy_init()  # torch 2.13 has no public call for this
+
+
+def _shard_like(param: Tensor, value: Any) -> Any:
+    """A whole optimizer-state tensor from a checkpoint as this process's shard of it, laid out like ``param``;
+    scalars (``step``) as they are."""
+    if not isinstance(value, Tensor) or value.shape != param.shape:
+        return value
+    return shard_like(param, value)
 
 
 def _local(tensor: Tensor) -> Tensor:

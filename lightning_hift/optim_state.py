@@ -99,7 +99,7 @@ class OptimizerStatePlacement:
                 state = self.optimizer.state.get(p, {})
                 for key, value in self._movable(p):
                     copy = prefetched.get((id(p), key))
-                    state[key] = _like(value, copy if copy is not None else self.transfer.to_device(local(value)))
+                    state[key] = rewrap(value, copy if copy is not None else self.transfer.to_device(local(value)))
         self._places[block.index] = "device"
 
     def prefetch(self, block: Block) -> None:
@@ -192,7 +192,7 @@ class OptimizerStatePlacement:
             return
         host = self.transfer.to_host(("state", block.index), {(id(p), key): local(v) for p, key, v in moving})
         for p, key, value in moving:
-            self.optimizer.state[p][key] = _like(value, host[(id(p), key)])
+            self.optimizer.state[p][key] = rewrap(value, host[(id(p), key)])
 
     def _capture_initial_state(self) -> dict[Tensor, dict[str, Any]]:
         return {
@@ -208,7 +208,32 @@ def local(value: Tensor) -> Tensor:
     return to_local() if callable(to_local) and hasattr(value, "device_mesh") else value
 
 
-def _like(value: Tensor, moved: Tensor) -> Tensor:
+def whole(value: Tensor) -> Tensor:
+    """All of ``value``: a DTensor's shards gathered from every process (a collective: every process must call it),
+    else ``value`` itself."""
+    full_tensor = getattr(value, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) and hasattr(value, "device_mesh") else value
+
+
+def shard_like(like: Tensor, value: Tensor) -> Tensor:
+    """``value`` (whole, as every process read it from a checkpoint) laid out like ``like``: this process's shard as a
+    DTensor when ``like`` is one (nothing is sent), else ``value`` itself."""
+    if not hasattr(like, "device_mesh"):
+        return value
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    assert isinstance(like, DTensor)
+    return distribute_tensor(
+        value.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+def copy_whole(dst: Tensor, src: Tensor) -> None:
+    """Copy ``src``, whole values (from a consolidated checkpoint), into ``dst``; a DTensor takes its own shard."""
+    local(dst).copy_(local(shard_like(dst, src)))
+
+
+def rewrap(value: Tensor, moved: Tensor) -> Tensor:
     """``moved`` (a copy of ``local(value)`` elsewhere) as what ``value`` is: a DTensor on the same mesh and layout
     when ``value`` is one, else ``moved`` itself."""
     if not hasattr(value, "device_mesh"):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
-from lightning_hift.optim_state import Place
+from lightning_hift.optim_state import Place, copy_whole, local, rewrap, whole
 from lightning_hift.transfer import HOST, Transfer
 
 MAX_LOSS_SCALE = 2.0**15
@@ -89,7 +89,7 @@ class MasterWeights:
         for block in blocks:
             for p in block.params:
                 full = full_values.get(p)
-                value = full if full is not None else p.detach().to(HOST, torch.float32, copy=True)
+                value = full if full is not None else rewrap(p, local(p).detach().to(HOST, torch.float32, copy=True))
                 master = nn.Parameter(value, requires_grad=False)
                 self._master[id(p)] = master
             self._to_pinned(block)  # on CUDA, so that the first copy to the device overlaps compute
@@ -106,13 +106,13 @@ class MasterWeights:
         prefetched = self.transfer.take(("master", block.index))
         for master in self.masters(block):
             copy = prefetched.get(id(master))
-            master.data = copy if copy is not None else self.transfer.to_device(master.data)
+            _set_local(master, copy if copy is not None else self.transfer.to_device(local(master)))
         self._places[block.index] = "device"
 
     def prefetch(self, block: Block) -> None:
         """Start bringing the block's masters to the device while the current step computes (CUDA)."""
         if self._places[block.index] == "host":
-            self.transfer.prefetch(("master", block.index), {id(m): m.data for m in self.masters(block)})
+            self.transfer.prefetch(("master", block.index), {id(m): local(m).detach() for m in self.masters(block)})
 
     def to_host(self, block: Block) -> None:
         for master in self.masters(block):
@@ -122,9 +122,9 @@ class MasterWeights:
 
     def _to_pinned(self, block: Block) -> None:
         masters = self.masters(block)
-        host = self.transfer.to_host(("master", block.index), {id(m): m.data for m in masters})
+        host = self.transfer.to_host(("master", block.index), {id(m): local(m).detach() for m in masters})
         for master in masters:
-            master.data = host[id(master)]
+            _set_local(master, host[id(master)])
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         # Multiplied in fp32 so that the scaled loss itself cannot overflow; the gradient that reaches an fp16 loss is
@@ -166,7 +166,8 @@ class MasterWeights:
 
     def state_dict(self) -> dict[str, Any]:
         self.transfer.synchronize()
-        masters = [m.detach().to(HOST) for block in self.blocks for m in self.masters(block)]
+        # Whole values even when sharded (FSDP2): a checkpoint holds every master in full.
+        masters = [whole(m.detach()).to(HOST) for block in self.blocks for m in self.masters(block)]
         return {"masters": masters, "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -177,7 +178,7 @@ class MasterWeights:
         self.transfer.discard("master")
         with torch.no_grad():
             for s, m in zip(saved, mine, strict=True):
-                m.copy_(s)
+                copy_whole(m, s)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -199,6 +200,17 @@ class MasterWeights:
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element is finite, with one host sync for all the tensors rather than one per tensor."""
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def _set_local(master: Tensor, moved: Tensor) -> None:
+    """Point ``master`` at ``moved`` (a copy of its values, or of its local shard, elsewhere) in place: the optimizer
+    holds ``master`` itself. A DTensor's local shard is swapped as FSDP2 swaps its own."""
+    if moved is local(master):
+        return
+    if hasattr(master, "device_mesh"):
+        master._local_tensor = moved  # type: ignore[attr-defined]
+    else:
+        master.data = moved
 
 
 def _is_float_tensor(value: Any) -> bool:

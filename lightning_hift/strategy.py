@@ -27,7 +27,7 @@ from lightning_hift.blocks import Block, check_frozen, partition
 from lightning_hift.checkpointing import CheckpointInputs
 from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement
+from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement, copy_whole, local, rewrap
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
 from lightning_hift.precision import LossScaler, MasterWeights, all_finite
@@ -242,7 +242,7 @@ class HiFTStrategyBase(_Strategy):
             )
         with torch.no_grad():
             for p, value in zip(params, values, strict=True):
-                p.copy_(value)
+                copy_whole(p, value)
 
     def convert_optimizer_state(self, saved_mode: str | None, active: int, mid_slot: bool) -> None:
         """Bring optimizer state resumed from a run with another ``optimizer_state`` to what this run keeps.
@@ -596,7 +596,9 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
 def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:
     # Only what may train gets a copy: these become the masters as they are.
     return {
-        p: p.detach().to(HOST, copy=True) for p in model.parameters() if p.dtype == torch.float32 and p.requires_grad
+        p: rewrap(p, local(p).detach().to(HOST, copy=True))
+        for p in model.parameters()
+        if p.dtype == torch.float32 and p.requires_grad
     }
 
 

@@ -85,6 +85,7 @@ def fit_one_process(
     stop_at: int | None = None,
     clip: float | None = None,
     optimizer: str = "adamw",
+    precision: str = "32-true",
     module_class: type[ShardedTinyModule] = ShardedTinyModule,
     **hift: Any,
 ) -> dict[str, Any]:
@@ -100,6 +101,7 @@ def fit_one_process(
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=clip,
+        precision=precision,
         use_distributed_sampler=False,
         callbacks=callbacks,
         enable_checkpointing=checkpoint_dir is not None,

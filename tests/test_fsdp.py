@@ -14,7 +14,7 @@ from lightning_hift.memory import estimate_per_rank
 from tests.helpers.distributed import ShardedTinyModule, ShardReport, StopAt, load_reports
 from tests.helpers.lightning import HiFTCallback, HiFTFSDPStrategy, ModelCheckpoint, Trainer
 from tests.helpers.modules import quiet_trainer
-from tests.test_ddp import GLOBAL_BATCH, SAMPLES, WORLD, assert_same, fit_one_process
+from tests.test_ddp import GLOBAL_BATCH, SAMPLES, WORLD, assert_same, fit_one_process, fit_two_processes
 
 pytestmark = pytest.mark.integration
 VERDICT_BYTES = 4
@@ -29,6 +29,7 @@ def fit_sharded(
     stop_at: int | None = None,
     clip: float | None = None,
     optimizer: str = "adamw",
+    precision: str = "32-true",
     strategy_class: type[HiFTFSDPStrategy] = HiFTFSDPStrategy,
     **hift: Any,
 ) -> list[dict[str, Any]]:
@@ -53,6 +54,7 @@ def fit_sharded(
         strategy=strategy_class(start_method="spawn", **hift),
         devices=WORLD,
         gradient_clip_val=clip,
+        precision=precision,
         max_steps=max_steps,
         use_distributed_sampler=False,
         callbacks=callbacks,
@@ -133,10 +135,37 @@ def test_sharded_checkpoints_are_refused_until_they_can_be_resumed() -> None:
         HiFTFSDPStrategy(save_distributed_checkpoint=True)
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "16-true"])
-def test_half_precision_is_refused_when_the_trainer_is_built(precision: str) -> None:
-    with pytest.raises(HiFTConfigError, match="precision='32-true'"):
-        Trainer(strategy=HiFTFSDPStrategy(start_method="spawn"), devices=2, precision=precision)
+def test_fp16_is_refused_when_the_trainer_is_built() -> None:
+    # "16-mixed" Lightning refuses itself for its ModelParallelStrategy.
+    with pytest.raises(HiFTConfigError, match="use bf16, or strategy='hift_ddp' for fp16"):
+        Trainer(strategy=HiFTFSDPStrategy(start_method="spawn"), devices=2, precision="16-true")
+
+
+def test_bf16_weights_step_fp32_masters_and_every_block_is_reduced_in_fp32(tmp_path: Path) -> None:
+    steps = 12
+    reports = fit_sharded(tmp_path / "fsdp", steps, precision="bf16-true", lr_scale=1.0)
+    gathered = reports[0]["params"]
+    assert all(p.dtype == torch.bfloat16 for p in gathered.values())
+    # Each process computes in bf16 on its half of the batch, as under hift_ddp, whose bf16 gradients are halved and
+    # summed: with two processes that rounds like FSDP2's fp32 sum, so the two strategies agree to the bit.
+    replicated = fit_two_processes(tmp_path / "ddp", steps, precision="bf16-true", lr_scale=1.0)
+    assert_same(gathered, replicated[0]["params"], exact=True)
+    for report in reports:
+        for batch in report["batches"]:
+            # fp32 sums of bf16 gradients: twice the bytes of the bf16 weights, for the first block and the others,
+            # which FSDP2 would have left in bf16 after being frozen at its first forward.
+            assert batch["sent"]["reduce_scatter"] == 2 * batch["block_grad_bytes"], batch["block"]
+            assert batch["memory"]["masters_device"] == 2 * batch["block_grad_bytes"] // WORLD  # fp32, a half each
+
+
+def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path: Path) -> None:
+    steps = 6
+    reports = fit_sharded(tmp_path / "fsdp", steps, precision="bf16-mixed", lr_scale=1.0)
+    gathered = reports[0]["params"]
+    assert all(p.dtype == torch.float32 for p in gathered.values())
+    replicated = fit_two_processes(tmp_path / "ddp", steps, precision="bf16-mixed", lr_scale=1.0)
+    assert_same(gathered, replicated[0]["params"], exact=False)
+    assert all(b["sent"]["reduce_scatter"] == b["block_grad_bytes"] for b in reports[0]["batches"])
 
 
 def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path) -> None:
@@ -148,6 +177,12 @@ def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Pat
     resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
     uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
     assert_same(resumed[0]["params"], uninterrupted[0]["params"], exact=True)
+    # One process continues it too (masters and optimizer state by index, whole): steps 6 and 7 finish block 1's
+    # slot and leave the other blocks' weights as the checkpoint has them.
+    continued = fit_one_process(8, ckpt_path=ckpt, **hift)
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    block_1 = ("net.layers.1.", "net.layers.2.")
+    assert all(torch.equal(p, weights[n]) != n.startswith(block_1) for n, p in continued.items())
     # The loaded optimizer state rests where the uninterrupted run kept it: the waiting block's in host memory.
     assert (
         resumed[0]["batches"][0]["places"] == uninterrupted[0]["batches"][6]["places"] == ["host", "device", "absent"]
@@ -197,3 +232,30 @@ class MismatchedSeed(HiFTFSDPStrategy):
 def test_processes_that_disagree_on_the_settings_stop_before_training(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"different HiFT settings(.|\n)*MismatchedSeed arguments"):
         fit_sharded(tmp_path, 2, strategy_class=MismatchedSeed)
+
+
+def test_a_bf16_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path) -> None:
+    # The fp32 masters and their optimizer state are sharded like the weights; the checkpoint holds them whole.
+    hift = {"layers_per_block": 2, "switch_every": 4, "precision": "bf16-true"}
+    fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=6, **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    masters = torch.load(ckpt, weights_only=True)["callbacks"]
+    (saved,) = [state["masters"]["masters"] for state in masters.values() if "masters" in state]
+    assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in saved)  # whole fp32 tensors
+    resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
+    uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
+    assert_same(resumed[0]["params"], uninterrupted[0]["params"], exact=True)
+    # One process continues it too (masters and optimizer state by index, whole): steps 6 and 7 finish block 1's
+    # slot and leave the other blocks' weights as the checkpoint has them.
+    continued = fit_one_process(8, ckpt_path=ckpt, **hift)
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    block_1 = ("net.layers.1.", "net.layers.2.")
+    assert all(torch.equal(p, weights[n]) != n.startswith(block_1) for n, p in continued.items())
+
+
+def test_a_one_process_checkpoint_continues_on_two_sharded_processes(tmp_path: Path) -> None:
+    hift = {"layers_per_block": 2, "switch_every": 4}
+    fit_one_process(16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    continued = fit_sharded(tmp_path / "sharded", 16, ckpt_path=ckpt, **hift)
+    assert_same(continued[0]["params"], fit_one_process(16, **hift), exact=False)
