@@ -1,12 +1,14 @@
-"""HiFT across processes against Lightning's DDP: seconds per optimizer step and bytes all-reduced per step.
+"""HiFT across processes against Lightning's DDP and FSDP: seconds per optimizer step and bytes sent per step.
 
     python experiments/ddp_benchmark.py                         # MiniLM, balanced tweets, 2 CPU processes (gloo)
     python experiments/ddp_benchmark.py --steps 8 --out /tmp/x  # a quick look
 
 Every method trains the same model on the same data with the same global batch (``--batch-size`` per process
-times the number of processes) for ``--steps`` optimizer steps. Bytes are counted where they leave a process: at
-``torch.distributed.all_reduce``, through which HiFT sends its buckets and, with a counting communication hook,
-DDP sends its own. One-process rows (all cores in one process) are there for scale. The table goes to
+times the number of processes) for ``--steps`` optimizer steps. Bytes are counted where they leave a process:
+gradients at ``torch.distributed.all_reduce`` (HiFT's buckets; DDP's, through a counting communication hook) and
+``reduce_scatter_single`` (FSDP2), weights at ``all_gather_single`` (FSDP2 gathering each unit for its forward and
+backward). ``fsdp`` is full fine-tuning on Lightning's ``ModelParallelStrategy`` with the model sharded by unit as
+``hift_fsdp`` shards it. One-process rows (all cores in one process) are there for scale. The table goes to
 ``--out``/ddp.md (by default experiments/results/), each run's figures to ``--out``/ddp_runs/METHOD.json.
 """
 
@@ -25,14 +27,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from run_summary import markdown_table
 
-from lightning_hift import HiFTDDPStrategy, HiFTStrategy
+from lightning_hift import HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
+from lightning_hift.fsdp import shard_by_unit
 from lightning_hift.tasks import SequenceClassifier, StepTimer, TweetSentimentDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("ddp", "hift_ddp_m1", "hift_ddp_m2", "single_full", "single_hift_m1")
+METHODS = ("ddp", "hift_ddp_m1", "hift_ddp_m2", "fsdp", "hift_fsdp_m1", "single_full", "single_hift_m1")
+COLLECTIVES = {
+    "all_reduce": ("grads", 0, "tensor"),
+    "reduce_scatter_single": ("grads", 1, "input"),
+    "all_gather_single": ("gathered", 1, "input_tensor"),
+}
+"""The torch.distributed calls counted: what they send, and where the sent tensor is among their arguments."""
 
 
 # No `from __future__ import annotations` in this file: DDP checks the hook's annotations at run time.
@@ -52,28 +61,48 @@ class CountedDDPStrategy(DDPStrategy):
         self.model.register_comm_hook(None, counting_allreduce_hook)
 
 
+class ShardedClassifier(SequenceClassifier):
+    """The classifier sharded by FSDP2 in ``configure_model``, as Lightning's ModelParallelStrategy asks."""
+
+    def configure_model(self) -> None:
+        shard_by_unit(self, self.device_mesh["data_parallel"])
+
+
+class SpawnedModelParallel(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy started with ``spawn``, so that one script runs several methods in turn;
+    the main process gets the gathered weights back as under ``hift_fsdp``."""
+
+    def _configure_launcher(self) -> None:
+        self._launcher = HiFTFSDPStrategy.spawn_launcher_class(self, start_method="spawn")
+
+
 class TrafficMeter(Callback):
-    """Counts the bytes of every all-reduce made during training batches; rank 0 writes the figures as JSON."""
+    """Counts the bytes of the collectives in :data:`COLLECTIVES` made during training batches; rank 0 writes the
+    figures as JSON."""
 
     def __init__(self, path: str, timer: StepTimer) -> None:
         self.path = path
-        self.bytes = 0
+        self.bytes = {"grads": 0, "gathered": 0}
         self.timer = timer
         self._in_batch = False
-        self._original: Any = None
+        self._originals: dict[str, Any] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._original = dist.all_reduce
+        for name, (kind, position, keyword) in COLLECTIVES.items():
+            original = self._originals[name] = getattr(dist, name)
 
-        def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self._in_batch:
-                self.bytes += tensor.nbytes
-            return self._original(tensor, *args, **kwargs)
+            def counting(*args: Any, _call: Any = original, _at: tuple = (kind, position, keyword), **kw: Any) -> Any:
+                if self._in_batch:
+                    counted, index, key = _at
+                    self.bytes[counted] += (args[index] if len(args) > index else kw[key]).nbytes
+                return _call(*args, **kw)
 
-        dist.all_reduce = counting  # type: ignore[assignment]
+            setattr(dist, name, counting)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        dist.all_reduce = self._original
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        self._originals = {}
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._in_batch = True
@@ -90,18 +119,23 @@ class TrafficMeter(Callback):
             "processes": trainer.world_size,
             "threads": torch.get_num_threads(),
             "median_s_per_step": self.timer.median_seconds,
-            "bytes_per_step": self.bytes / max(1, trainer.global_step),
+            "bytes_per_step": self.bytes["grads"] / max(1, trainer.global_step),
+            "gathered_bytes_per_step": self.bytes["gathered"] / max(1, trainer.global_step),
             "all_grad_bytes": grads,
             "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         }
         Path(self.path).write_text(json.dumps(record))
 
 
-def make_strategy(method: str) -> Strategy:
+def make_strategy(method: str, processes: int) -> Strategy:
     if method == "ddp":
         return CountedDDPStrategy(start_method="spawn")
     if method.startswith("hift_ddp_m"):
         return HiFTDDPStrategy(layers_per_block=int(method.removeprefix("hift_ddp_m")), start_method="spawn")
+    if method == "fsdp":
+        return SpawnedModelParallel(data_parallel_size=processes, tensor_parallel_size=1)
+    if method.startswith("hift_fsdp_m"):
+        return HiFTFSDPStrategy(layers_per_block=int(method.removeprefix("hift_fsdp_m")), start_method="spawn")
     if method.startswith("single_hift_m"):
         return HiFTStrategy(layers_per_block=int(method.removeprefix("single_hift_m")))
     if method == "single_full":
@@ -116,14 +150,15 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     data = TweetSentimentDataModule(
         tokenizer=args.model, batch_size=args.batch_size * args.processes // processes, seed=args.seed
     )
-    module = SequenceClassifier(args.model, num_labels=data.num_classes, lr=lr)
+    module_class = ShardedClassifier if method == "fsdp" else SequenceClassifier
+    module = module_class(args.model, num_labels=data.num_classes, lr=lr)
     timer = StepTimer()
     path = out / "ddp_runs" / f"{method}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         accelerator="cpu",
         devices=processes,
-        strategy=make_strategy(method),
+        strategy=make_strategy(method, processes),
         max_steps=args.steps,
         callbacks=[timer, TrafficMeter(str(path), timer)],
         logger=False,
@@ -143,15 +178,17 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ddp = next((r for r in records if r["method"] == "ddp"), None)
-    header = ["method", "processes x threads", "global batch", "median s/step", "time vs DDP", "MiB all-reduced/step"]
+    header = ["method", "processes x threads", "global batch", "median s/step", "time vs DDP", "MiB grads/step"]
     rows = []
     for r in records:
+        many = r["processes"] > 1
         speed = f"{r['median_s_per_step'] / ddp['median_s_per_step']:.2f}x" if ddp else "-"
-        traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and r["processes"] > 1 else "-"
-        mib = f"{r['bytes_per_step'] / 2**20:.1f}" if r["processes"] > 1 else "-"
+        traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and many else "-"
+        grads = f"{r['bytes_per_step'] / 2**20:.1f}" if many else "-"
+        gathered = f"{r.get('gathered_bytes_per_step', 0) / 2**20:.1f}" if many else "-"
         cells = [r["method"], f"{r['processes']} x {r['threads']}", args.batch_size * args.processes]
-        rows.append([*cells, f"{r['median_s_per_step']:.3f}", speed, mib, traffic])
-    return "\n".join(markdown_table([*header, "traffic vs DDP"], rows))
+        rows.append([*cells, f"{r['median_s_per_step']:.3f}", speed, grads, traffic, gathered])
+    return "\n".join(markdown_table([*header, "grads vs DDP", "MiB gathered/step"], rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,14 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     given = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--report-only"]
     command = "python experiments/ddp_benchmark.py " + " ".join(given)
     report = (
-        "# HiFT DDP vs Lightning DDP (full fine-tuning)\n\n"
+        "# HiFT on several processes vs Lightning DDP and FSDP (full fine-tuning)\n\n"
         f"Command: `{command.strip()}`  \n"
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo.  \n"
         f"Model: {args.model}; {args.steps} optimizer steps; batch {args.batch_size} per process.\n\n"
         f"{table(records, args)}\n\n"
-        "MiB all-reduced/step: bytes passed to torch.distributed.all_reduce during training batches, per optimizer"
-        f" step, on rank 0 (all gradients: {records[0]['all_grad_bytes'] / 2**20:.1f} MiB). Time and traffic vs DDP:"
-        " this row's over the DDP row's (below 1 is faster, or less). One-process rows use both cores in one"
+        "MiB grads/step: gradient bytes a process sends per optimizer step during training batches (rank 0; passed to"
+        " torch.distributed.all_reduce, or reduce_scatter_single under FSDP2; all gradients:"
+        f" {records[0]['all_grad_bytes'] / 2**20:.1f} MiB). MiB gathered/step: weight bytes a process contributes to"
+        " all_gather_single, FSDP2 gathering each unit for its forward and again for its backward. Time and grads"
+        " vs DDP: this row's over the DDP row's (below 1 is faster, or less). One-process rows use both cores in one"
         " process.\n"
     )
     (args.out / "ddp.md").write_text(report)

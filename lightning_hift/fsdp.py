@@ -140,33 +140,9 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             if not _on_meta(self.model):
                 weights = [t.data for t in (*self.model.parameters(), *self.model.buffers())]
                 broadcast_from_first(weights, self.root_device, _BROADCAST_BUCKET_BYTES)
-            self._shard(self.model)
+            shard_by_unit(self.model, self.device_mesh["data_parallel"], self.layers)
         lightning_init = importlib.import_module(f"{_fabric_of(self)}.utilities.init")
         lightning_init._materialize_distributed_module(self.model, self.root_device)
-
-    def _shard(self, model: nn.Module) -> None:
-        """``fully_shard`` every unit that owns its parameters alone, then the root.
-
-        The root is the LightningModule, whose ``forward`` Lightning may never call: its step methods are
-        registered with FSDP2 so that they gather (and afterwards free) the parameters the root group holds.
-        """
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        mesh = self.device_mesh["data_parallel"]
-        # bf16 weights ("bf16-true"): gradients are summed across processes in fp32, then kept in bf16 until the
-        # fp32 masters take them. Other precisions reduce in their parameters' dtype (fp32).
-        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-        shard = functools.partial(fully_shard, mesh=mesh, mp_policy=policy)
-        owners = _owners(model)
-        for unit in find_units(model, self.layers):
-            modules = _unit_modules(model, unit.param_names)
-            inside = {id(m) for module in modules for m in module.modules()}
-            if modules and all(owners[id(p)] <= inside for m in modules for p in m.parameters()):
-                shard(modules if len(modules) > 1 else modules[0])
-        shard(model)
-        for method in ("training_step", "validation_step", "test_step", "predict_step"):
-            if callable(getattr(model, method, None)):
-                register_fsdp_forward_method(model, method)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -257,6 +233,36 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         cls._register_presets(strategy_registry, {"hift_fsdp": {}, "hift_fsdp_spawn": {"start_method": "spawn"}})
+
+
+def shard_by_unit(model: nn.Module, mesh: Any, layers: LayersSpec = None) -> None:
+    """``fully_shard`` every HiFT unit of ``model`` that owns its parameters alone, then ``model`` itself: how
+    ``hift_fsdp`` shards a module that did not shard itself. Call it from ``configure_model`` to shard a
+    LightningModule the same way for Lightning's ``ModelParallelStrategy``.
+
+    A LightningModule's ``forward`` may never be called by Lightning: its step methods are registered with FSDP2 so
+    that they gather (and afterwards free) the parameters the root group holds. Gradients of bf16 weights are summed
+    across processes in fp32 (then kept in bf16 until HiFT's fp32 masters take them); other precisions reduce in
+    their parameters' dtype.
+
+    Args:
+        model: the module to shard (its weights the same on every process).
+        mesh: a 1-D device mesh (``strategy.device_mesh["data_parallel"]``).
+        layers: HiFT's ``layers`` argument, for models it cannot cut on its own.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    owners = _owners(model)
+    for unit in find_units(model, layers):
+        modules = _unit_modules(model, unit.param_names)
+        inside = {id(m) for module in modules for m in module.modules()}
+        if modules and all(owners[id(p)] <= inside for m in modules for p in m.parameters()):
+            shard(modules if len(modules) > 1 else modules[0])
+    shard(model)
+    for method in ("training_step", "validation_step", "test_step", "predict_step"):
+        if callable(getattr(model, method, None)):
+            register_fsdp_forward_method(model, method)
 
 
 class GatheringLauncherMixin:
