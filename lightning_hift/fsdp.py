@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -35,14 +35,16 @@ from lightning_hift import lr
 from lightning_hift.blocks import Block
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import OptimizerStateMode, shard_like, whole
+from lightning_hift.optim_state import OptimizerStateMode, local, rewrap, shard_like, whole
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
-from lightning_hift.precision import all_finite
+from lightning_hift.precision import MasterWeights, all_finite
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec, find_units
 
 _BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket
+_METADATA_FILENAME = "meta.pt"  # beside the shards: what Lightning's loader recognises a sharded checkpoint by
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
@@ -62,9 +64,10 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     Args:
         start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what torchrun
             and SLURM use), ``"spawn"`` or ``"fork"``.
-        save_distributed_checkpoint: must stay ``False`` for now: process 0 writes one consolidated checkpoint,
-            which loads anywhere (``hift``, ``hift_ddp``, plain Lightning). Folders of shards are refused until they
-            can be resumed.
+        save_distributed_checkpoint: ``False`` (the default): process 0 writes one consolidated checkpoint, which
+            loads anywhere (``hift``, ``hift_ddp``, plain Lightning) but is gathered whole to be written. ``True``:
+            every process writes its shards into a folder (torch.distributed.checkpoint), for models too large to
+            gather; it resumes under ``hift_fsdp``.
         process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
     """
 
@@ -109,11 +112,6 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        if save_distributed_checkpoint:
-            raise HiFTConfigError(
-                "strategy='hift_fsdp' writes consolidated checkpoints only for now (a folder of shards could not be"
-                " resumed yet). Pass save_distributed_checkpoint=False."
-            )
         self.start_method = start_method
 
     @override
@@ -156,10 +154,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            raise HiFTConfigError(
-                f"{path} is a folder of shards; strategy='hift_fsdp' resumes from consolidated checkpoints only for"
-                " now. Resume from a checkpoint written with save_distributed_checkpoint=False."
-            )
+            return self._load_shards(path)
         assert self.model is not None and self.lightning_module is not None
         checkpoint: dict[str, Any] = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         fabric = importlib.import_module(f"{_fabric_of(self)}.strategies.model_parallel")
@@ -190,11 +185,71 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         return checkpoint
 
     @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(self.broadcast(str(filepath)))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        # Every process writes its shards of the weights, of the optimizer state (by index) and of the fp32 masters;
+        # process 0 writes the rest (loops, callbacks, hyperparameters) beside them.
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        masters = _masters_state(checkpoint)
+        if masters is not None:
+            shards["hift_masters"] = dict(enumerate(masters.pop("masters")))
+        dcp.save(shards, checkpoint_id=path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / _METADATA_FILENAME)
+
+    def _load_shards(self, path: Path) -> dict[str, Any]:
+        """Load a folder written with ``save_distributed_checkpoint=True``: each process reads its own shards.
+
+        The saved optimizer state names only the parameters that had state, so the load asks for exactly those;
+        torch's own loader would ask for every parameter's and fail on a block that has not had its first turn.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not (path / _METADATA_FILENAME).is_file():
+            raise HiFTConfigError(f"{path} is a folder but not a sharded checkpoint (it has no {_METADATA_FILENAME}).")
+        assert self.model is not None
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        wanted: dict[str, Any] = {
+            "state_dict": get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False))
+        }
+        if self.optimizers and any(key.startswith("optimizer_0.") for key in saved):
+            optimizer = self.optimizers[0]
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            state: dict[int, dict[str, Tensor]] = {}
+            for key, meta in saved.items():
+                if key.startswith("optimizer_0.state."):
+                    index, name = key.removeprefix("optimizer_0.state.").split(".", 1)
+                    state.setdefault(int(index), {})[name] = _room_for(meta, params[int(index)])
+            wanted["optimizer_0"] = {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+        if self.masters is not None and any(key.startswith("hift_masters.") for key in saved):
+            masters = [m for block in self.blocks for m in self.masters.masters(block)]
+            wanted["hift_masters"] = {i: _room_for(saved[f"hift_masters.{i}"], m) for i, m in enumerate(masters)}
+        dcp.load(wanted, checkpoint_id=path)
+        if "optimizer_0" in wanted:
+            assert self.placement is not None
+            self.placement.load(wanted["optimizer_0"])
+        checkpoint: dict[str, Any] = torch.load(path / _METADATA_FILENAME, weights_only=False)
+        masters_state = _masters_state(checkpoint)
+        if masters_state is not None and "hift_masters" in wanted:
+            masters_state["masters"] = [wanted["hift_masters"][i] for i in range(len(wanted["hift_masters"]))]
+        return checkpoint
+
+    @override
     def _grad_rms(self, block: Block) -> float:
         # Sums of squares over each process's shards, added up across processes: the whole gradient's RMS.
-        local = [_local(p.grad).detach().float() for p in block.params if p.grad is not None]
+        held = [local(p.grad).detach().float() for p in block.params if p.grad is not None]
         totals = torch.tensor(
-            [sum(float(t.square().sum()) for t in local), sum(t.numel() for t in local)],
+            [sum(float(t.square().sum()) for t in held), sum(t.numel() for t in held)],
             dtype=torch.float64,
             device=self.root_device,
         )
@@ -205,8 +260,8 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     def _all_finite(self, grads: list[Tensor]) -> bool:
         # Each process holds only its shard of the reduced gradients: one all-reduced verdict, so that every process
         # skips the step (or stops) together and the shards stay one model.
-        local = [t for t in map(_local, grads) if t.numel()]
-        verdict = torch.tensor([int(not local or all_finite(local))], dtype=torch.int32, device=self.root_device)
+        held = [t for t in map(local, grads) if t.numel()]
+        verdict = torch.tensor([int(not held or all_finite(held))], dtype=torch.int32, device=self.root_device)
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
         return bool(verdict.item())
 
@@ -217,11 +272,20 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         assert self.placement is not None
         self.placement.synchronize()
         state = optimizer.state_dict()
+        if self._save_distributed_checkpoint:  # each process writes its own shards
+            return state
         state["state"] = {
             index: {key: whole(value).cpu() if isinstance(value, Tensor) else value for key, value in tensors.items()}
             for index, tensors in state["state"].items()
         }
         return state
+
+    @override
+    def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
+        masters = super()._make_masters(transfer, full_values)
+        if masters is not None:
+            masters.gather = not self._save_distributed_checkpoint
+        return masters
 
     @override
     def model_to_device(self) -> None:
@@ -351,19 +415,30 @@ def _init_fsdp_now(model: nn.Module) -> None:
             module._get_fsdp_state()._lazy_init()  # torch 2.13 has no public call for this
 
 
+def _masters_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The fp32 masters' entry of HiFT's callback state in a checkpoint (half precision), if there is one."""
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and isinstance(state.get("masters"), dict):
+            masters: dict[str, Any] = state["masters"]
+            return masters
+    return None
+
+
+def _room_for(meta: Any, like: Tensor) -> Tensor:
+    """An empty tensor for torch.distributed.checkpoint to load a saved entry into: laid out like ``like`` (this
+    process's shard) when the entry has its shape, else a plain tensor of the saved size (a ``step`` counter)."""
+    dtype = meta.properties.dtype
+    if tuple(meta.size) == tuple(like.shape):
+        return rewrap(like, torch.empty_like(local(like), dtype=dtype))
+    return torch.empty(tuple(meta.size), dtype=dtype)
+
+
 def _shard_like(param: Tensor, value: Any) -> Any:
     """A whole optimizer-state tensor from a checkpoint as this process's shard of it, laid out like ``param``;
     scalars (``step``) as they are."""
     if not isinstance(value, Tensor) or value.shape != param.shape:
         return value
     return shard_like(param, value)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This process's shard of a DTensor; a plain tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _is_sharded(model: nn.Module) -> bool:

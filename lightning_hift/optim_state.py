@@ -218,7 +218,7 @@ def whole(value: Tensor) -> Tensor:
 def shard_like(like: Tensor, value: Tensor) -> Tensor:
     """``value`` (whole, as every process read it from a checkpoint) laid out like ``like``: this process's shard as a
     DTensor when ``like`` is one (nothing is sent), else ``value`` itself."""
-    if not hasattr(like, "device_mesh"):
+    if not hasattr(like, "device_mesh") or hasattr(value, "device_mesh"):  # nothing to shard, or sharded already
         return value
     from torch.distributed.tensor import DTensor, distribute_tensor
 

@@ -83,6 +83,8 @@ class MasterWeights:
         self.scaler = scaler
         self.transfer = transfer or Transfer(device)
         self.skipped_steps = 0
+        self.gather = True
+        """Whether :meth:`state_dict` gathers sharded masters whole (False for a sharded checkpoint)."""
         self._master: dict[int, nn.Parameter] = {}
         self._places: list[Place] = ["host"] * len(blocks)
         full_values = full_values or {}
@@ -166,8 +168,13 @@ class MasterWeights:
 
     def state_dict(self) -> dict[str, Any]:
         self.transfer.synchronize()
-        # Whole values even when sharded (FSDP2): a checkpoint holds every master in full.
-        masters = [whole(m.detach()).to(HOST) for block in self.blocks for m in self.masters(block)]
+        # Sharded masters (FSDP2) are gathered whole for a consolidated checkpoint, and kept as this process's
+        # shards for a sharded one.
+        masters = [
+            whole(m.detach()).to(HOST) if self.gather else m.detach()
+            for block in self.blocks
+            for m in self.masters(block)
+        ]
         return {"masters": masters, "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
