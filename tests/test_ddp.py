@@ -328,10 +328,17 @@ def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> No
     word_tokenizer().save_pretrained(model_dir)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ROOT / "experiments" / "ddp_benchmark.py"), "--model", str(model_dir)]
-    command += ["--methods", "ddp", "hift_ddp_m1", "--steps", "3", "--out", str(tmp_path)]
+    methods = ("ddp", "hift_ddp_m1", "fsdp", "hift_fsdp_m1")
+    command += ["--methods", *methods, "--steps", "3", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    ddp, hift = (json.loads((tmp_path / "ddp_runs" / f"{m}.json").read_text()) for m in ("ddp", "hift_ddp_m1"))
+    ddp, hift, fsdp, hift_fsdp = (json.loads((tmp_path / "ddp_runs" / f"{m}.json").read_text()) for m in methods)
     assert ddp["bytes_per_step"] == ddp["all_grad_bytes"]  # DDP sends every gradient every step
     assert 0 < hift["bytes_per_step"] < ddp["bytes_per_step"]
+    # FSDP2 reduce-scatters every gradient (each process sends all of it) and gathers every weight twice (each
+    # process contributing its half); HiFT on FSDP2 sends the active block's gradients, as on DDP.
+    assert fsdp["bytes_per_step"] == fsdp["all_grad_bytes"] == fsdp["gathered_bytes_per_step"]
+    # (hift_ddp also all-reduces which parameters got a gradient, FSDP2 pads shards: a few bytes apart.)
+    assert hift_fsdp["bytes_per_step"] == pytest.approx(hift["bytes_per_step"], rel=0.01)
+    assert 0 < hift_fsdp["gathered_bytes_per_step"] <= fsdp["gathered_bytes_per_step"]
     assert "| hift_ddp_m1 | 2 x 1 |" in (tmp_path / "ddp.md").read_text()
