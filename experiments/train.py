@@ -111,19 +111,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "strategy": describe_strategy(trainer.strategy),
         **peak_memory(trainer.strategy.root_device),
     }
-    if trainer.is_global_zero:  # one writer when several processes train (hift=ddp)
+    # Sharded weights (hift=fsdp) are gathered by every process; one process writes.
+    weights = whole_weights(module) if cfg.export else None
+    if trainer.is_global_zero:  # one writer when several processes train (hift=ddp, hift=fsdp)
         write_metrics(Path(cfg.output_dir) / "metrics.json", metrics)
         if cfg.export:
-            export(module, cfg.model.name_or_path, Path(cfg.output_dir) / "model")
+            export(module, cfg.model.name_or_path, Path(cfg.output_dir) / "model", weights)
     return metrics
 
 
-def export(module: LightningModule, tokenizer_name: str, folder: Path) -> None:
-    """Write the wrapped transformers model and its tokenizer with ``save_pretrained``."""
+def whole_weights(module: LightningModule) -> dict[str, torch.Tensor] | None:
+    """The wrapped model's weights gathered whole when FSDP2 shards them (every process must call this), else None:
+    ``save_pretrained`` reads them from the model itself."""
+    model = getattr(module, "model", None)
+    if model is None or not any(hasattr(p, "device_mesh") for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export(
+    module: LightningModule, tokenizer_name: str, folder: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the wrapped transformers model (with ``weights`` instead of its own, if given) and its tokenizer with
+    ``save_pretrained``."""
     model = getattr(module, "model", None)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"export=true needs a module with a transformers `model`; {type(module).__name__} has none.")
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=weights)
     load_tokenizer(tokenizer_name).save_pretrained(folder)
     log.info("Exported the model to %s", folder)
 

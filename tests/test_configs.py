@@ -310,6 +310,28 @@ def test_train_exports_a_hugging_face_folder(train_script: ModuleType, tmp_path:
     assert AutoTokenizer.from_pretrained(tmp_path / "model")("hello")["input_ids"]
 
 
+LAST_LAYER = "bert.encoder.layer.5.output.dense.weight"  # MiniLM has six layers
+
+
+@pytest.mark.slow
+def test_train_exports_whole_weights_from_sharded_processes(tmp_path: Path) -> None:
+    # hift=fsdp as a user runs it: the script starts its second process itself, each holds half of every weight.
+    from transformers import AutoModelForSequenceClassification
+
+    overrides = ["hift=fsdp", "trainer.devices=2", "export=true", "test=false", "max_steps=2", "batch_size=16"]
+    command = [sys.executable, str(EXPERIMENTS / "train.py"), *overrides, *TINY_DATA["tweets"]]
+    command.append(f"hydra.run.dir={tmp_path}")
+    result = subprocess.run(command, cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    start = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    # HiFT's first two steps train the embeddings, then the first layer: whole tensors, changed, come out.
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        assert exported.get_parameter(name).shape == start.get_parameter(name).shape
+        assert not torch.equal(exported.get_parameter(name), start.get_parameter(name)), name
+    assert torch.equal(exported.get_parameter(LAST_LAYER), start.get_parameter(LAST_LAYER))  # not reached yet
+
+
 @pytest.mark.slow
 def test_train_runs_the_language_model(train_script: ModuleType, tmp_path: Path) -> None:
     overrides = [*TINY_DATA["lm_tweets"], "task.data.block_size=32", "trainer=debug"]
