@@ -128,6 +128,13 @@ def test_a_consolidated_checkpoint_continues_on_one_process(tmp_path: Path) -> N
     assert all(type(value) is torch.Tensor for value in checkpoint["state_dict"].values())  # plain, whole tensors
     uninterrupted = fit_one_process(16, **hift)
     assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
+    # Plain Lightning (full fine-tuning, one process) takes it too: weights by name, optimizer state by index.
+    module = ShardedTinyModule(lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
+    plain = quiet_trainer(max_steps=12, use_distributed_sampler=False, enable_checkpointing=False)
+    plain.fit(module, ckpt_path=ckpt)
+    optimizer = plain.optimizers[0]
+    first = next(module.parameters())  # the embeddings: block 0 had 4 steps before the checkpoint
+    assert plain.global_step == 12 and int(optimizer.state[first]["step"]) == 4 + 2
 
 
 def test_fp16_is_refused_when_the_trainer_is_built() -> None:
