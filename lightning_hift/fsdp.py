@@ -45,6 +45,10 @@ from lightning_hift.units import LayersSpec, find_units
 
 _BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket
 _METADATA_FILENAME = "meta.pt"  # beside the shards: what Lightning's loader recognises a sharded checkpoint by
+_NOT_THIS_MODEL = (
+    "The sharded checkpoint {path} holds {what} for other parameters than this model's blocks. Resume with the model"
+    " and the HiFT settings (layers_per_block, layers, frozen) that wrote it."
+)
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
@@ -154,7 +158,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            return self._load_shards(path)
+            return self._load_shards(path, weights_only)
         assert self.model is not None and self.lightning_module is not None
         checkpoint: dict[str, Any] = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         fabric = importlib.import_module(f"{_fabric_of(self)}.strategies.model_parallel")
@@ -206,7 +210,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         if self.global_rank == 0:
             torch.save(checkpoint, path / _METADATA_FILENAME)
 
-    def _load_shards(self, path: Path) -> dict[str, Any]:
+    def _load_shards(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
         """Load a folder written with ``save_distributed_checkpoint=True``: each process reads its own shards.
 
         The saved optimizer state names only the parameters that had state, so the load asks for exactly those;
@@ -229,16 +233,20 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             for key, meta in saved.items():
                 if key.startswith("optimizer_0.state."):
                     index, name = key.removeprefix("optimizer_0.state.").split(".", 1)
+                    if int(index) >= len(params):
+                        raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="optimizer state"))
                     state.setdefault(int(index), {})[name] = _room_for(meta, params[int(index)])
             wanted["optimizer_0"] = {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
         if self.masters is not None and any(key.startswith("hift_masters.") for key in saved):
             masters = [m for block in self.blocks for m in self.masters.masters(block)]
+            if sum(key.startswith("hift_masters.") for key in saved) != len(masters):
+                raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="fp32 master weights"))
             wanted["hift_masters"] = {i: _room_for(saved[f"hift_masters.{i}"], m) for i, m in enumerate(masters)}
         dcp.load(wanted, checkpoint_id=path)
         if "optimizer_0" in wanted:
             assert self.placement is not None
             self.placement.load(wanted["optimizer_0"])
-        checkpoint: dict[str, Any] = torch.load(path / _METADATA_FILENAME, weights_only=False)
+        checkpoint: dict[str, Any] = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         masters_state = _masters_state(checkpoint)
         if masters_state is not None and "hift_masters" in wanted:
             masters_state["masters"] = [wanted["hift_masters"][i] for i in range(len(wanted["hift_masters"]))]

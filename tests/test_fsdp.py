@@ -277,3 +277,9 @@ def test_a_sharded_checkpoint_resumes_on_two_processes_bit_for_bit(tmp_path: Pat
     assert (
         resumed[0]["batches"][0]["places"] == uninterrupted[0]["batches"][6]["places"] == ["host", "device", "absent"]
     )
+
+
+def test_a_folder_that_is_not_a_sharded_checkpoint_is_named(tmp_path: Path) -> None:
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(Exception, match=r"is a folder but not a sharded checkpoint \(it has no meta.pt\)"):
+        fit_sharded(tmp_path / "run", 2, ckpt_path=tmp_path / "not_a_checkpoint")
