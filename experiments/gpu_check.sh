@@ -8,6 +8,7 @@
 #      -> experiments/results/gpu_tests.txt
 #   2. experiments/gpu_memory.py --shape 7b: peak device memory of full fine-tuning and HiFT, one process per row
 #      -> experiments/results/gpu_memory.md
+#   3. the same for hift_fsdp (FSDP2, world size 1) in bf16-true -> experiments/results/gpu_memory_fsdp.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -21,3 +22,5 @@ print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch
 PY
 timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rA 2>&1 | tee -a "$RESULTS/gpu_tests.txt"
 timeout 420 "$PYTHON" experiments/gpu_memory.py --shape 7b --precisions 32-true bf16-true --out "$RESULTS/gpu_memory.md"
+timeout 240 "$PYTHON" experiments/gpu_memory.py --shape 7b --precisions bf16-true --methods hift_fsdp \
+    --out "$RESULTS/gpu_memory_fsdp.md"

@@ -4,12 +4,12 @@
     python experiments/gpu_memory.py --shape tiny --device cpu                   # smoke run of the same code
 
 For each precision (32-true, bf16-mixed, bf16-true) and method (FPFT with Lightning's default strategy, HiFT
-with one layer per block and offloaded optimizer state) a random-init LLaMA of the chosen shape trains for one
-whole HiFT cycle (k optimizer steps, k = number of blocks) on random tokens with AdamW, and the peak of
-``torch.cuda.max_memory_allocated`` over those steps is printed beside the planner's model-state estimate
-(``lightning_hift.estimate_memory``, which leaves activations out) and the paper's totals for LLaMA-2-7B. A run
-that does not fit prints OOM. Each (precision, method) runs in its own process, and the Markdown table at ``--out``
-is rewritten after each, so a run stopped half-way keeps its finished rows.
+with one layer per block and offloaded optimizer state; ``--methods hift_fsdp`` for HiFT on FSDP2, one process) a
+random-init LLaMA of the chosen shape trains for one whole HiFT cycle (k optimizer steps, k = number of blocks) on
+random tokens with AdamW, and the peak of ``torch.cuda.max_memory_allocated`` over those steps is printed beside
+the planner's model-state estimate (``lightning_hift.estimate_memory``, which leaves activations out) and the
+paper's totals for LLaMA-2-7B. A run that does not fit prints OOM. Each (precision, method) runs in its own
+process, and the Markdown table at ``--out`` is rewritten after each, so a run stopped half-way keeps its finished rows.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ SHAPES = {
     ),
 }
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+METHODS = ("fpft", "hift", "hift_fsdp")
 # Paper (LLaMA-2-7B, AdamW, E2E): total GiB, including activations and its own residual memory.
 PAPER_7B = {("32-true", "fpft"): 142.11, ("32-true", "hift"): 55.41, ("bf16-true", "hift"): 36.57}
 
@@ -69,7 +70,8 @@ class RandomTokensLM(LightningModule):
 
 def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -> float | None:
     """Peak bytes over ``steps`` optimizer steps, or None when the run does not fit."""
-    strategy = lightning_hift.HiFTStrategy() if method == "hift" else "auto"
+    strategies = {"fpft": "auto", "hift": lightning_hift.HiFTStrategy(), "hift_fsdp": lightning_hift.HiFTFSDPStrategy()}
+    strategy = strategies[method]
     module = RandomTokensLM(SHAPES[args.shape], args.batch_size, args.seq_len, steps)
     trainer = Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -149,6 +151,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument(
+        "--methods", nargs="+", default=["fpft", "hift"], choices=METHODS, help="hift_fsdp: sharded, one process"
+    )
     parser.add_argument("--out", type=Path, default=Path("experiments/results/gpu_memory.md"))
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -162,9 +167,10 @@ def main() -> None:
     table = ""
     for precision in args.precisions:
         planner = estimate_memory(meta_model, precision, "adamw")
-        for method in ("fpft", "hift"):
+        for method in args.methods:
             started = time.perf_counter()
             result = spawn(args, precision, method, steps=planner.num_blocks)
+            # hift_fsdp on one process shards nothing: the planner's HiFT figure (estimate_per_rank at N = 1).
             planned = (planner.fpft if method == "fpft" else planner.hift).total("device")
             paper = PAPER_7B.get((precision, method)) if args.shape == "7b" else None
             rows.append((precision, method, result, planned, paper, time.perf_counter() - started))

@@ -84,7 +84,8 @@ def test_a_child_measures_one_row_and_prints_it_as_json(
 def test_gpu_memory_script_smoke_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
     command = [sys.executable, "experiments/gpu_memory.py", "--shape", "tiny", "--device", "cpu", "--seq-len", "16"]
-    subprocess.run([*command, "--precisions", "32-true", "bf16-true", "--out", str(out)], cwd=ROOT, check=True)
+    command += ["--precisions", "32-true", "bf16-true", "--methods", "fpft", "hift", "hift_fsdp"]
+    subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True)
     table = out.read_text()
-    assert table.count("| fpft |") == 2 and table.count("| hift |") == 2
-    assert "OOM" not in table
+    assert table.count("| fpft |") == 2 and table.count("| hift |") == 2 and table.count("| hift_fsdp |") == 2
+    assert "OOM" not in table and "exit code" not in table
