@@ -30,6 +30,7 @@ def fit_sharded(
     clip: float | None = None,
     optimizer: str = "adamw",
     precision: str = "32-true",
+    accumulate: int = 1,
     strategy_class: type[HiFTFSDPStrategy] = HiFTFSDPStrategy,
     **hift: Any,
 ) -> list[dict[str, Any]]:
@@ -55,6 +56,7 @@ def fit_sharded(
         devices=WORLD,
         gradient_clip_val=clip,
         precision=precision,
+        accumulate_grad_batches=accumulate,
         max_steps=max_steps,
         use_distributed_sampler=False,
         callbacks=callbacks,
@@ -283,3 +285,9 @@ def test_a_folder_that_is_not_a_sharded_checkpoint_is_named(tmp_path: Path) -> N
     (tmp_path / "not_a_checkpoint").mkdir()
     with pytest.raises(Exception, match=r"is a folder but not a sharded checkpoint \(it has no meta.pt\)"):
         fit_sharded(tmp_path / "run", 2, ckpt_path=tmp_path / "not_a_checkpoint")
+
+
+def test_accumulated_micro_batches_train_like_one_process(tmp_path: Path) -> None:
+    # FSDP2 reduce-scatters every micro-batch's gradients and adds them to the shards: the window's sum, as on one.
+    reports = fit_sharded(tmp_path, 6, accumulate=2, lr_scale=1.0)
+    assert_same(reports[0]["params"], fit_one_process(6, accumulate=2, lr_scale=1.0), exact=False)
