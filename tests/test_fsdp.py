@@ -31,6 +31,7 @@ def fit_sharded(
     optimizer: str = "adamw",
     precision: str = "32-true",
     accumulate: int = 1,
+    world: int = WORLD,
     strategy_class: type[HiFTFSDPStrategy] = HiFTFSDPStrategy,
     **hift: Any,
 ) -> list[dict[str, Any]]:
@@ -43,7 +44,7 @@ def fit_sharded(
         lr=1e-2,
         schedule=(2, 12),
         samples=SAMPLES,
-        batch_size=GLOBAL_BATCH // WORLD,
+        batch_size=GLOBAL_BATCH // world,
         skew_by_rank=skew,
     )
     callbacks: list[Any] = [ShardReport(out), HiFTCallback()]  # the report sees each step before the switch
@@ -53,7 +54,7 @@ def fit_sharded(
         callbacks.append(StopAt(stop_at))
     trainer = quiet_trainer(
         strategy=strategy_class(start_method="spawn", **hift),
-        devices=WORLD,
+        devices=world,
         gradient_clip_val=clip,
         precision=precision,
         accumulate_grad_batches=accumulate,
@@ -63,7 +64,7 @@ def fit_sharded(
         enable_checkpointing=checkpoint_dir is not None,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
-    return load_reports(out, WORLD)
+    return load_reports(out, world)
 
 
 @pytest.mark.parametrize(
@@ -291,3 +292,12 @@ def test_accumulated_micro_batches_train_like_one_process(tmp_path: Path) -> Non
     # FSDP2 reduce-scatters every micro-batch's gradients and adds them to the shards: the window's sum, as on one.
     reports = fit_sharded(tmp_path, 6, accumulate=2, lr_scale=1.0)
     assert_same(reports[0]["params"], fit_one_process(6, accumulate=2, lr_scale=1.0), exact=False)
+
+
+def test_a_sharded_checkpoint_continues_on_another_number_of_processes(tmp_path: Path) -> None:
+    # torch.distributed.checkpoint cuts the saved shards to the new layout: here, one process holding everything.
+    hift = {"layers_per_block": 2, "switch_every": 4, "save_distributed_checkpoint": True}
+    fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    (continued,) = fit_sharded(tmp_path / "one", 16, ckpt_path=ckpt, world=1, **hift)
+    assert_same(continued["params"], fit_one_process(16, layers_per_block=2, switch_every=4), exact=False)
