@@ -398,11 +398,15 @@ def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:
             " hift_fsdp shards the model itself, or apply `fully_shard` there instead."
         )
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor) and p.device_mesh.ndim > 1:
+        if not isinstance(p, DTensor):
+            continue
+        mesh = p.device_mesh
+        if mesh.ndim > 1 or "tensor_parallel" in (mesh.mesh_dim_names or ()):
             raise HiFTConfigError(
-                f"Parameter {name!r} is laid out on a {p.device_mesh.ndim}-D device mesh (tensor parallelism?)."
-                " strategy='hift_fsdp' shards over one data-parallel dimension only: remove the tensor-parallel"
-                " plan from `configure_model`."
+                f"Parameter {name!r} is laid out on the device mesh {mesh.mesh_dim_names or mesh.shape} (tensor"
+                " parallelism?). strategy='hift_fsdp' shards over one data-parallel dimension only: remove the"
+                " tensor-parallel plan from `configure_model`, and shard with `fully_shard` over"
+                " `self.device_mesh['data_parallel']` if you shard at all."
             )
     _refuse_precision(precision_plugin)
 

@@ -301,3 +301,32 @@ def test_a_sharded_checkpoint_continues_on_another_number_of_processes(tmp_path:
     (ckpt,) = (tmp_path / "ckpt").iterdir()
     (continued,) = fit_sharded(tmp_path / "one", 16, ckpt_path=ckpt, world=1, **hift)
     assert_same(continued["params"], fit_one_process(16, layers_per_block=2, switch_every=4), exact=False)
+
+
+class TensorParallel(ShardedTinyModule):
+    """Applies a tensor-parallel plan to one layer, as a module written for ModelParallelStrategy may."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        parallelize_module(self.net.layers[0].up, self.device_mesh["tensor_parallel"], ColwiseParallel())
+
+
+def test_a_tensor_parallel_plan_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(
+        Exception, match=r"'net.layers.0.up.weight' is laid out on the device mesh \('tensor_parallel',\)"
+    ):
+        fit_sharded(tmp_path, 2, module_class=TensorParallel)
+
+
+def test_a_module_wrapped_in_fsdp1_is_refused() -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_hift.fsdp import _refuse_unsupported
+
+    module = ShardedTinyModule()
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # an FSDP1 wrapper, as isinstance sees it
+    torch.nn.Module.__init__(wrapped)
+    module.net.layers[0] = wrapped
+    with pytest.raises(HiFTConfigError, match=r"FullyShardedDataParallel` \(FSDP1\). Remove that wrapping"):
+        _refuse_unsupported(module, Trainer().strategy.precision_plugin)
