@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -294,6 +295,23 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         if masters is not None:
             masters.gather = not self._save_distributed_checkpoint
         return masters
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # Lightning enters this for every micro-batch of an accumulation window but the last: FSDP2 then adds the
+        # active block's gradients up unsharded and reduce-scatters the window's sum once, at its last micro-batch.
+        from torch.distributed.fsdp import FSDPModule
+
+        assert self.model is not None
+        sharded = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in sharded:
+            module.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield None
+        finally:
+            for module in sharded:
+                module.set_requires_gradient_sync(True, recurse=False)
 
     @override
     def model_to_device(self) -> None:

@@ -288,10 +288,14 @@ def test_a_folder_that_is_not_a_sharded_checkpoint_is_named(tmp_path: Path) -> N
         fit_sharded(tmp_path / "run", 2, ckpt_path=tmp_path / "not_a_checkpoint")
 
 
-def test_accumulated_micro_batches_train_like_one_process(tmp_path: Path) -> None:
-    # FSDP2 reduce-scatters every micro-batch's gradients and adds them to the shards: the window's sum, as on one.
+def test_accumulated_micro_batches_train_like_one_process_and_send_once_per_window(tmp_path: Path) -> None:
     reports = fit_sharded(tmp_path, 6, accumulate=2, lr_scale=1.0)
     assert_same(reports[0]["params"], fit_one_process(6, accumulate=2, lr_scale=1.0), exact=False)
+    for report in reports:
+        for first, last in zip(report["batches"][::2], report["batches"][1::2], strict=True):
+            # The window's first micro-batch sends nothing; its last sends the active block's summed gradients.
+            assert first["sent"] == {"reduce_scatter": 0, "all_reduce": 0}
+            assert last["sent"] == {"reduce_scatter": last["block_grad_bytes"], "all_reduce": VERDICT_BYTES}
 
 
 def test_a_sharded_checkpoint_continues_on_another_number_of_processes(tmp_path: Path) -> None:
