@@ -33,7 +33,6 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hift import lr
-from lightning_hift.blocks import Block
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode, local, rewrap, shard_like, whole
@@ -169,7 +168,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         if self.optimizers and saved and all(isinstance(key, int) for key in saved[0]["state"]):
             # Saved by index (by any HiFT strategy, or plain Lightning on one device): each process keeps its shard.
             (state,) = saved
-            params = [p for group in self.optimizers[0].param_groups for p in group["params"]]
+            params = _by_index(self.optimizers[0])
             shards = {
                 index: {key: _shard_like(params[index], value) for key, value in tensors.items()}
                 for index, tensors in state["state"].items()
@@ -229,7 +228,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         }
         if self.optimizers and any(key.startswith("optimizer_0.") for key in saved):
             optimizer = self.optimizers[0]
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            params = _by_index(optimizer)
             state: dict[int, dict[str, Tensor]] = {}
             for key, meta in saved.items():
                 if key.startswith("optimizer_0.state."):
@@ -250,20 +249,14 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         checkpoint: dict[str, Any] = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         masters_state = _masters_state(checkpoint)
         if masters_state is not None and "hift_masters" in wanted:
-            masters_state["masters"] = [wanted["hift_masters"][i] for i in range(len(wanted["hift_masters"]))]
+            masters_state["masters"] = list(wanted["hift_masters"].values())  # in block order, as saved
         return checkpoint
 
     @override
-    def _grad_rms(self, block: Block) -> float:
-        # Sums of squares over each process's shards, added up across processes: the whole gradient's RMS.
-        held = [local(p.grad).detach().float() for p in block.params if p.grad is not None]
-        totals = torch.tensor(
-            [sum(float(t.square().sum()) for t in held), sum(t.numel() for t in held)],
-            dtype=torch.float64,
-            device=self.root_device,
-        )
-        torch.distributed.all_reduce(totals)
-        return float(totals[0].sqrt() / totals[1].clamp(min=1).sqrt())
+    def _sum_over_processes(self, partial: Tensor) -> Tensor:
+        # Each process summed over its shards of the gradients.
+        torch.distributed.all_reduce(partial)
+        return partial
 
     @override
     def _all_finite(self, grads: list[Tensor]) -> bool:
@@ -443,6 +436,11 @@ def _init_fsdp_now(model: nn.Module) -> None:
         if isinstance(module, FSDPModule) and not any(name.startswith(f"{root}.") or not root for root in roots):
             roots.append(name)
             module._get_fsdp_state()._lazy_init()  # torch 2.13 has no public call for this
+
+
+def _by_index(optimizer: Optimizer) -> list[Tensor]:
+    """The optimizer's parameters in the order its state dict numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _masters_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -302,9 +302,8 @@ class HiFTStrategyBase(_Strategy):
             raise HiFTConfigError(
                 f"Process {getattr(self, 'global_rank', 0)} cut the model into different blocks, or has different"
                 f" HiFT settings, than process 0. Give every process the same model and the same {type(self).__name__}"
-                " arguments"
-                " (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state, lr_update,"
-                " lr_scale, on_nonfinite)."
+                " arguments (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state,"
+                " lr_update, lr_scale, on_nonfinite)."
             )
 
     def freeze(self) -> None:
@@ -407,10 +406,16 @@ class HiFTStrategyBase(_Strategy):
     def _grad_rms(self, block: Block) -> float:
         """Root mean square of the block's gradient, over the parameters that have one; loss scale divided out."""
         grads = [p.grad for p in block.params if p.grad is not None]
-        squares = torch.stack([g.detach().float().square().sum() for g in grads]).sum()
+        # Over what this process holds (a shard under FSDP2), then added up across processes: one host sync.
+        squares = self._sum_over_processes(torch.stack([local(g).detach().float().square().sum() for g in grads]).sum())
         scaler = getattr(self.precision_plugin, "scaler", None)  # 16-mixed: the gradients are still scaled
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        return float(squares.sqrt()) / scale / max(sum(g.numel() for g in grads), 1) ** 0.5
+        return float(squares.sqrt()) / scale / max(sum(g.numel() for g in grads), 1) ** 0.5  # whole sizes
+
+    def _sum_over_processes(self, partial: Tensor) -> Tensor:
+        """Add up a sum each process computed over its part of the gradients; processes that hold whole gradients
+        (one process, or after hift_ddp's all-reduce) have nothing to add."""
+        return partial
 
     def lr_factor(self) -> float:
         """What an update multiplies the optimizer's configured learning rates by (``lr_scale`` resolved)."""

@@ -146,15 +146,20 @@ def test_fp16_is_refused_when_the_trainer_is_built() -> None:
         Trainer(strategy=HiFTFSDPStrategy(start_method="spawn"), devices=2, precision="16-true")
 
 
+def sharded_and_replicated(tmp_path: Path, steps: int, precision: str) -> tuple[list[dict[str, Any]], Any, Any]:
+    """The same run under hift_fsdp and under hift_ddp: the sharded run's reports, its gathered weights, and the
+    replicated run's weights."""
+    reports = fit_sharded(tmp_path / "fsdp", steps, precision=precision, lr_scale=1.0)
+    replicated = fit_two_processes(tmp_path / "ddp", steps, precision=precision, lr_scale=1.0)
+    return reports, reports[0]["params"], replicated[0]["params"]
+
+
 def test_bf16_weights_step_fp32_masters_and_every_block_is_reduced_in_fp32(tmp_path: Path) -> None:
-    steps = 12
-    reports = fit_sharded(tmp_path / "fsdp", steps, precision="bf16-true", lr_scale=1.0)
-    gathered = reports[0]["params"]
+    reports, gathered, replicated = sharded_and_replicated(tmp_path, 12, "bf16-true")
     assert all(p.dtype == torch.bfloat16 for p in gathered.values())
     # Each process computes in bf16 on its half of the batch, as under hift_ddp, whose bf16 gradients are halved and
     # summed: with two processes that rounds like FSDP2's fp32 sum, so the two strategies agree to the bit.
-    replicated = fit_two_processes(tmp_path / "ddp", steps, precision="bf16-true", lr_scale=1.0)
-    assert_same(gathered, replicated[0]["params"], exact=True)
+    assert_same(gathered, replicated, exact=True)
     for report in reports:
         for batch in report["batches"]:
             # fp32 sums of bf16 gradients: twice the bytes of the bf16 weights, for the first block and the others,
@@ -164,12 +169,9 @@ def test_bf16_weights_step_fp32_masters_and_every_block_is_reduced_in_fp32(tmp_p
 
 
 def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path: Path) -> None:
-    steps = 6
-    reports = fit_sharded(tmp_path / "fsdp", steps, precision="bf16-mixed", lr_scale=1.0)
-    gathered = reports[0]["params"]
+    reports, gathered, replicated = sharded_and_replicated(tmp_path, 6, "bf16-mixed")
     assert all(p.dtype == torch.float32 for p in gathered.values())
-    replicated = fit_two_processes(tmp_path / "ddp", steps, precision="bf16-mixed", lr_scale=1.0)
-    assert_same(gathered, replicated[0]["params"], exact=False)
+    assert_same(gathered, replicated, exact=False)
     assert all(b["sent"]["reduce_scatter"] == b["block_grad_bytes"] for b in reports[0]["batches"])
 
 
