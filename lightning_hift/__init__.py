@@ -14,7 +14,7 @@ import logging
 from lightning_hift.blocks import Block, partition
 from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.memory import estimate_memory
+from lightning_hift.memory import estimate_memory, estimate_per_rank
 from lightning_hift.pytorch import HiFTCallback, HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
 from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.units import Unit, find_units
@@ -40,6 +40,7 @@ __all__ = [
     "HiFTStrategyBase",
     "Unit",
     "estimate_memory",
+    "estimate_per_rank",
     "find_units",
     "partition",
 ]

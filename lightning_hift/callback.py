@@ -88,7 +88,7 @@ class HiFTCallbackBase(_Callback):
         if self._loaded is not None and not tuning:
             self._resume(strategy, self._loaded)
             self._loaded = None
-        self.delayed_lr.attach(trainer, cycle_steps=len(strategy.blocks) * strategy.switch_every)
+        self.delayed_lr.attach(trainer, self._steps_left_in_cycle(strategy))
         self._last_global_step = trainer.global_step
         strategy.measure_grads = self.order.observes
         strategy.freeze()
@@ -128,12 +128,23 @@ class HiFTCallbackBase(_Callback):
             self.order.observe(self.order.current(), strategy.last_grad_rms)
         self.steps += 1
         slot_ended = self.steps % strategy.switch_every == 0
-        self.delayed_lr.after_optimizer_step(trainer, cycle_ended=slot_ended and self.order.at_cycle_end)
+        cycle_ended = slot_ended and self.order.at_cycle_end
         if slot_ended:
-            strategy.activate(self.order.advance())
+            self.order.advance()
+        steps_left = self._steps_left_in_cycle(strategy)
+        self.delayed_lr.after_optimizer_step(trainer, cycle_ended, self.order.cycle, steps_left)
+        if slot_ended:
+            strategy.activate(self.order.current())
             strategy.prefetch(self.order.block_at(self.order.position + 1))
         if logs:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _steps_left_in_cycle(self, strategy: HiFTStrategyBase) -> int:
+        """Optimizer steps of the current cycle still to come, the next one included."""
+        assert self.order is not None
+        every = strategy.switch_every
+        done = (self.order.position % self.order.num_blocks) * every + self.steps % every
+        return self.order.num_blocks * every - done
 
     def fit_ended(self, masters_state: dict[str, Any] | None) -> None:
         """Called by the strategy at teardown: keep the masters' values, not the objects that hold device memory."""

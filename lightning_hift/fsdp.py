@@ -38,7 +38,7 @@ from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode, local, rewrap, shard_like, whole
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes
-from lightning_hift.precision import MasterWeights, all_finite
+from lightning_hift.precision import SHARDED_PRECISIONS, MasterWeights, all_finite
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
 from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec, find_units
@@ -384,18 +384,15 @@ def _refuse_precision(precision_plugin: Any) -> None:
     if type(precision_plugin) in lightning_classes("plugins.precision.Precision") or _bf16(precision_plugin):
         return
     raise HiFTConfigError(
-        f"strategy='hift_fsdp' trains at precision '32-true', 'bf16-true' (Mixed^Hi) or 'bf16-mixed', got"
-        f" {getattr(precision_plugin, 'precision', type(precision_plugin).__name__)!r}. fp16 needs loss scaling,"
-        " whose overflow checks see one shard each here: use bf16, or strategy='hift_ddp' for fp16."
+        f"strategy='hift_fsdp' trains at precision {', '.join(map(repr, SHARDED_PRECISIONS))} (bf16-true is"
+        f" Mixed^Hi), got {getattr(precision_plugin, 'precision', type(precision_plugin).__name__)!r}. fp16 needs"
+        " loss scaling, whose overflow checks see one shard each here: use bf16, or strategy='hift_ddp' for fp16."
     )
 
 
 def _bf16(precision_plugin: Any) -> bool:
     half = lightning_classes("plugins.precision.HalfPrecision") + lightning_classes("plugins.precision.MixedPrecision")
-    return isinstance(precision_plugin, half) and getattr(precision_plugin, "precision", None) in (
-        "bf16-true",
-        "bf16-mixed",
-    )
+    return isinstance(precision_plugin, half) and getattr(precision_plugin, "precision", None) in SHARDED_PRECISIONS
 
 
 def _refuse_unsupported(model: nn.Module, precision_plugin: Any) -> None:

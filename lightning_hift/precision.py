@@ -24,6 +24,10 @@ from lightning_hift.blocks import Block
 from lightning_hift.optim_state import Place, copy_whole, local, rewrap, whole
 from lightning_hift.transfer import HOST, Transfer
 
+SHARDED_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
+"""The precisions ``hift_fsdp`` trains at: fp16 needs loss scaling, whose overflow check would see one shard per
+process."""
+
 MAX_LOSS_SCALE = 2.0**15
 """The largest loss scale: backward starts from the scale itself, and under ``"16-true"`` a module's loss is often an
 fp16 tensor, whose gradient is then the scale in fp16. 2**16 is past fp16's largest value (65504) and would overflow
@@ -159,12 +163,43 @@ class MasterWeights:
                 p.grad = master.grad = None
         return received and not overflow
 
-    def masters_to_weights(self, block: Block) -> None:
-        """Copy the block's stepped masters into its half weights, and drop the step's gradients."""
+    def add_pass_grads(self, block: Block) -> bool:
+        """Add the gradients of a later closure call within the same step (SAM's second pass) to the masters'.
+
+        The masters' gradients hold what the optimizer left them (None after its zero_grad); this pass's gradients are
+        added in fp32. Returns False, adding nothing, if they overflowed under loss scaling.
+        """
+        unscale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        pairs = [(p, m) for p, m in zip(block.params, self.masters(block), strict=True) if p.grad is not None]
+        added = [p.grad.to(torch.float32, copy=True).mul_(unscale) for p, _ in pairs]  # type: ignore[union-attr]
+        if self.scaler is not None and added and not all_finite(added):
+            return False
+        for (p, master), grad in zip(pairs, added, strict=True):
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            if unscale != 1.0:
+                p.grad.mul_(unscale)  # type: ignore[union-attr]  # unscaled, for hooks that read the module's
+        return True
+
+    def lower_scale(self) -> bool:
+        """Halve the loss scale after an overflow; False if there is no scaling left to lower."""
+        if self.scaler is None or self.scaler.scale <= 1.0:
+            return False
+        self.scaler.update(overflow=True)
+        return True
+
+    def sync_weights(self, block: Block) -> None:
+        """Copy the block's masters into its half weights and drop the weights' gradients: the forward of a further
+        pass within the step runs on what the optimizer has set."""
         with torch.no_grad():
             for p, master in zip(block.params, self.masters(block), strict=True):
                 p.copy_(master)
-                p.grad = master.grad = None
+                p.grad = None
+
+    def masters_to_weights(self, block: Block) -> None:
+        """Copy the block's stepped masters into its half weights, and drop the step's gradients."""
+        self.sync_weights(block)
+        for master in self.masters(block):
+            master.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         self.transfer.synchronize()

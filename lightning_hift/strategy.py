@@ -199,6 +199,7 @@ class HiFTStrategyBase(_Strategy):
             self.setup_optimizers(trainer)
             _check_optimizer(self.optimizers)
             self._setup_blocks()
+            self._check_rates()
             self._check_same_settings()
             self.skipped_nonfinite = 0
             self._warned_no_grad = set()
@@ -288,6 +289,16 @@ class HiFTStrategyBase(_Strategy):
         self.compiled_by_unit = compile_by_unit(module, self.layers)
         self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
         self.active_block = None
+
+    def _check_rates(self) -> None:
+        own = lr.check_rates(self.optimizers[0], self.lr_factor())
+        if own and self.lr_factor() != 1.0:
+            rank_zero_warn(
+                f"HiFT: {type(self.optimizers[0]).__name__} sizes its own steps in param groups {own} (lr=None or"
+                " relative_step=True), so lr_scale does not apply to them: each block's step size follows the"
+                " block's own update count. Give those groups a learning rate (relative_step=False, lr=...) for"
+                " lr_scale to take effect, or pass lr_scale=1.0 to silence this warning."
+            )
 
     def _check_same_settings(self) -> None:
         """Every process must cut the same blocks and schedule them alike, or they would train different blocks."""
@@ -390,18 +401,51 @@ class HiFTStrategyBase(_Strategy):
             self.last_grad_rms = self._grad_rms(block)
         calls = 0
 
-        def closure_ran_first() -> Any:
-            # The optimizer's first call gets the loss just computed; an optimizer that calls again (SAM's second
-            # pass) gets a fresh forward and backward.
+        def each_call() -> Any:
+            # The optimizer's first call gets the pass just made; a later call (a sharpness-aware optimizer's second
+            # pass) makes a new one.
             nonlocal calls
             calls += 1
-            return loss if calls == 1 else closure()
+            return loss if calls == 1 else self._another_pass(closure, block, calls)
 
         with lr.scaled(optimizer, self.lr_factor()):
-            output = super().optimizer_step(optimizer, closure_ran_first, model, **kwargs)
+            output = super().optimizer_step(optimizer, each_call, model, **kwargs)
         if self.masters is not None:
             self.masters.masters_to_weights(block)
         return output
+
+    def _another_pass(self, closure: Callable[[], Any], block: Block, call: int) -> Any:
+        """A later call of the closure within one optimizer step (SAM's second pass, say).
+
+        The optimizer may have moved the tensors it steps since the last pass (SAM's ascent), so the forward runs on
+        them, and it receives this pass's gradients on those tensors (the fp32 masters under half precision),
+        combined across processes, as it would without HiFT. The step cannot be skipped any more (the optimizer has
+        changed the weights already): a fp16 overflow makes the pass again at a lower loss scale, and gradients
+        that are not finite at any scale stop training.
+        """
+        masters = self.masters
+        while True:
+            if masters is not None:
+                masters.sync_weights(block)
+            loss = closure()
+            self._reduce_grads(block)
+            grads = [p.grad for p in block.params if p.grad is not None]
+            finite = not grads or not self._checks_nonfinite() or self._all_finite(grads)
+            if finite and (masters is None or masters.add_pass_grads(block)):
+                return loss
+            if masters is None or not masters.lower_scale():
+                raise FloatingPointError(self._nonfinite_in_pass(block, call))
+
+    def _nonfinite_in_pass(self, block: Block, call: int) -> str:
+        assert self.lightning_module is not None
+        step = self.lightning_module.trainer.global_step
+        return (
+            f"HiFT: non-finite gradients in block {block.index} ({', '.join(block.unit_names)}) at optimizer step"
+            f" {step}, in call {call} of the optimizer's closure. The optimizer had already changed the weights in"
+            " an earlier call of this step (a sharpness-aware ascent, say), so the step cannot be skipped and training"
+            " stops; checkpoints written so far are intact. Lower the learning rate (or the optimizer's"
+            " perturbation size), or clip gradients (gradient_clip_val=...)."
+        )
 
     def _grad_rms(self, block: Block) -> float:
         """Root mean square of the block's gradient, over the parameters that have one; loss scale divided out."""

@@ -14,7 +14,15 @@ from lightning_hift.memory import estimate_per_rank
 from tests.helpers.distributed import ShardedTinyModule, ShardReport, StopAt, load_reports
 from tests.helpers.lightning import HiFTCallback, HiFTFSDPStrategy, ModelCheckpoint, Trainer
 from tests.helpers.modules import quiet_trainer
-from tests.test_ddp import GLOBAL_BATCH, SAMPLES, WORLD, assert_same, fit_one_process, fit_two_processes
+from tests.test_ddp import (
+    GLOBAL_BATCH,
+    SAMPLES,
+    WORLD,
+    assert_same,
+    fit_one_process,
+    fit_two_processes,
+    saved_masters,
+)
 
 pytestmark = pytest.mark.integration
 VERDICT_BYTES = 4
@@ -166,6 +174,17 @@ def test_bf16_weights_step_fp32_masters_and_every_block_is_reduced_in_fp32(tmp_p
             # which FSDP2 would have left in bf16 after being frozen at its first forward.
             assert batch["sent"]["reduce_scatter"] == 2 * batch["block_grad_bytes"], batch["block"]
             assert batch["memory"]["masters_device"] == 2 * batch["block_grad_bytes"] // WORLD  # fp32, a half each
+
+
+def test_an_optimizer_that_calls_its_closure_twice_steps_each_pass_on_the_fp32_masters(tmp_path: Path) -> None:
+    # SAM under bf16-true: each pass's sharded gradients reach the sharded masters, and the second pass runs on the
+    # ascended masters. bf16 arithmetic moves the masters 1e-5 from a fp32 run's weights; a pass whose gradients do
+    # not reach them, 2e-3.
+    hift = {"optimizer": "sam", "lr_scale": 1.0}
+    reports = fit_sharded(tmp_path, 8, checkpoint_dir=tmp_path / "ckpt", stop_at=8, precision="bf16-true", **hift)
+    assert_same(saved_masters(tmp_path / "ckpt"), fit_one_process(8, **hift), exact=False)
+    for batch in reports[0]["batches"]:
+        assert batch["sent"]["reduce_scatter"] == 2 * 2 * batch["block_grad_bytes"]  # two passes of fp32 sums
 
 
 def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path: Path) -> None:

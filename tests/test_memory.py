@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import torch
 
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.memory import GIB, estimate_memory, estimate_per_rank, main, snapshot
+from lightning_hift.memory import GIB, estimate_memory, estimate_per_rank, snapshot
+from lightning_hift.memory.__main__ import main
 from tests.helpers.lightning import Callback, HiFTCallback, HiFTStrategy, LightningModule, Trainer
 from tests.helpers.modules import TinyModule, fit
 
@@ -101,11 +105,58 @@ def test_snapshot_counts_the_copies_on_their_way_to_the_device() -> None:
         assert after.total("host") == before.total("host")
 
 
-def test_planner_bad_arguments() -> None:
-    with pytest.raises(HiFTConfigError, match="precision"):
-        estimate_memory("llama2-7b", precision="fp8")
-    with pytest.raises(HiFTConfigError, match="optimizer"):
-        estimate_memory("llama2-7b", optimizer="lion")
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ({"precision": "fp8"}, "Unknown precision='fp8'"),
+        ({"optimizer": "lion"}, "Unknown optimizer='lion'"),
+        ({"optimizer_state": "bogus"}, "Unknown optimizer_state='bogus'"),
+        ({"layers_per_block": 0}, "layers_per_block must be an int >= 1"),
+        ({"prefetch": "no"}, "prefetch must be True or False"),
+    ],
+)
+def test_planner_bad_arguments_are_named(argument: dict[str, Any], message: str) -> None:
+    with pytest.raises(HiFTConfigError, match=message):
+        estimate_memory("llama2-7b", **argument)
+    with pytest.raises(HiFTConfigError, match=message):
+        estimate_per_rank("llama2-7b", 2, **argument)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["llama2-7b", "--layers-per-block", "0"], "--layers-per-block: must be a whole number >= 1, got '0'"),
+        (["llama2-7b", "--world-size", "two"], "--world-size: must be a whole number >= 1, got 'two'"),
+        (["llama2-7b", "--optimizer-state", "bogus"], "--optimizer-state: invalid choice: 'bogus'"),
+        (["llama2-7b", "--precision", "fp8"], "--precision: invalid choice: 'fp8'"),
+        (["/no/such/model/folder"], "cannot plan '/no/such/model/folder'"),
+    ],
+)
+def test_command_line_refuses_bad_values_with_a_usage_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m lightning_hift.memory") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.integration
+def test_the_command_line_module_runs_without_warnings() -> None:
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "lightning_hift.memory", "llama2-7b"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RuntimeWarning" not in result.stderr and "HiFT device" in result.stdout
+
+
+def test_fp16_plans_no_hift_fsdp_which_does_not_train_in_fp16() -> None:
+    for precision in ("16-true", "16-mixed", "mixed"):
+        rank = estimate_per_rank("llama2-7b", 8, precision)
+        assert set(rank.ranks) == {"fsdp", "hift_ddp"}
+        assert "hift_fsdp trains at 32-true, bf16-true, bf16-mixed, not" in rank.table()
+    assert "hift_fsdp" in estimate_per_rank("llama2-7b", 8, "bf16-mixed").ranks
 
 
 def test_command_line_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,57 @@ def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(params, lr=lr)
     if name == "adafactor":
         return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    if name == "sam":
+        return SAM(params, lr=lr, rho=0.05)
     raise ValueError(name)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization over SGD, written as its published implementations are: ascend from w to
+    w + rho * g / |g| (over the parameters that have a gradient), zero the gradients, call the closure again, return
+    to w and step with the gradient found there.
+
+    With ``passes`` > 2 it ascends again from each new gradient before the last call: an optimizer that calls its
+    closure any number of times. ``calls`` keeps, for every closure call, each stepped tensor's value during the call
+    and the gradient the call left it: ``{tensor: (value, grad)}``.
+    """
+
+    def __init__(self, params: Any, lr: float, rho: float = 0.05, passes: int = 2) -> None:
+        super().__init__(params, {"lr": lr, "rho": rho})
+        self.passes = passes
+        self.calls: list[dict[Tensor, tuple[Tensor, Tensor]]] = []
+
+    def _with_grad(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _note(self) -> None:
+        self.calls.append({p: (p.detach().clone(), p.grad.detach().clone()) for p in self._with_grad()})  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        assert closure is not None, "SAM needs the closure"
+        with torch.enable_grad():
+            loss = closure()
+        start = {p: p.detach().clone() for p in self._with_grad()}
+        for _ in range(self.passes - 1):
+            self._note()
+            params = self._with_grad()
+            norm = torch.stack([p.grad.norm() for p in params]).norm()  # type: ignore[union-attr]
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=group["rho"] / float(norm + 1e-12))
+            self.zero_grad()
+            with torch.enable_grad():
+                loss = closure()
+        self._note()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in start:
+                    p.copy_(start[p])
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return loss
 
 
 def warmup_then_linear(warmup: int, total: int) -> Callable[[int], float]:
@@ -154,7 +204,8 @@ class ResumableTinyModule(TinyModule):
     """Starts a resumed epoch at the first batch the interrupted run had not trained on."""
 
     def train_dataloader(self) -> DataLoader:
-        # Checkpoints taken in on_train_batch_end count that batch as processed, not yet as completed.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        # Checkpoints taken in on_train_batch_end count that batch as processed, not yet as completed; one taken at
+        # an epoch's end has processed the whole epoch, and the resumed run starts the next one from its start.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed % -(-len(self.data) // self.batch_size)
         sampler = SkipOnce(range(len(self.data)), done * self.batch_size)
         return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)

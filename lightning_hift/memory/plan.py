@@ -1,34 +1,24 @@
-"""Where the bytes of fine-tuning live: a planner for before the run and a snapshot during it.
+"""The planner: the model-state bytes of full fine-tuning and of HiFT, before the run, from a model or a config.
 
-:func:`estimate_memory` predicts the model-state bytes (parameters, gradients, optimizer state, fp32
-master copies) of full fine-tuning and of HiFT, by kind and by place (device or host), from a model, a
-Hugging Face config or a model folder; configs are built on the meta device, so no weights are needed.
-:func:`snapshot` measures the same quantities on a running HiFT strategy.
-Activations and framework overhead are not model state and are not counted.
-
-Command line (prints the table)::
-
-    python -m lightning_hift.memory llama2-7b --optimizer adamw --precision 32-true
+:func:`estimate_memory` predicts parameters, gradients, optimizer state and fp32 master copies by kind and by place
+(device or host) on one device; :func:`estimate_per_rank` does the same per process of a multi-process run. Configs
+are built on the meta device, so no weights are needed. Activations and framework overhead are not model state and
+are not counted.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_hift import optim_state
 from lightning_hift.blocks import partition
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import local
-from lightning_hift.transfer import HOST
+from lightning_hift.precision import SHARDED_PRECISIONS
 from lightning_hift.units import find_units
-
-if TYPE_CHECKING:
-    from lightning_hift.strategy import HiFTStrategyBase
 
 GIB = 2**30
 KINDS = ("params", "grads", "optimizer_state", "masters")
@@ -149,6 +139,9 @@ def estimate_memory(
         raise HiFTConfigError(f"Unknown precision={precision!r}. Choose one of {list(PRECISIONS)}.")
     if optimizer not in STATE_TENSORS_PER_PARAM:
         raise HiFTConfigError(f"Unknown optimizer={optimizer!r}. Choose one of {sorted(STATE_TENSORS_PER_PARAM)}.")
+    optim_state.check_mode(optimizer_state)
+    if not isinstance(prefetch, bool):
+        raise HiFTConfigError(f"prefetch must be True or False, got prefetch={prefetch!r}.")
     return _estimate(
         _as_model(model_or_config), precision, optimizer, layers_per_block, optimizer_state, layers, prefetch
     )
@@ -234,7 +227,8 @@ SHARDED_STRATEGIES = ("fsdp", "hift_ddp", "hift_fsdp")
 
 @dataclass
 class PerRankEstimate:
-    """Model-state bytes of one process of ``world_size``, for each of :data:`SHARDED_STRATEGIES`.
+    """Model-state bytes of one process of ``world_size``, for each of :data:`SHARDED_STRATEGIES` that trains at the
+    precision (``hift_fsdp`` does not train in fp16: it is absent from ``ranks`` then).
 
     The kind ``"gathered"`` is what FSDP holds whole for a moment: the largest unit's weights while its forward or
     backward runs, and its gradient before the reduce-scatter.
@@ -246,22 +240,31 @@ class PerRankEstimate:
     ranks: dict[str, MemoryBreakdown]
 
     def table(self) -> str:
-        """A text table in GiB (2**30 bytes) per process."""
+        """A text table in GiB (2**30 bytes) per process; a strategy that does not train at the precision shows
+        ``-``."""
         one = self.one_device
+        columns: list[tuple[str, str]] = [(name, "device") for name in SHARDED_STRATEGIES] + [("hift_fsdp", "host")]
         lines = [
             f"{one.num_params / 1e6:,.2f} M params, largest unit {self.largest_unit / 1e6:,.2f} M;"
             f" optimizer {one.optimizer}, precision {one.precision}; per process of {self.world_size}",
-            f"{'GiB':<24}"
-            + "".join(f"{name + ' device':>18}" for name in SHARDED_STRATEGIES)
-            + f"{'hift_fsdp host':>18}",
+            f"{'GiB':<24}" + "".join(f"{name + ' ' + place:>18}" for name, place in columns),
         ]
+
+        def cell(name: str, place: str, kind: str | None) -> str:
+            ranks = self.ranks.get(name)
+            if ranks is None:
+                return f"{'-':>18}"
+            nbytes = ranks.total(place) if kind is None else ranks.get(kind, place)
+            return f"{nbytes / GIB:>18.2f}"
+
         for kind in (*KINDS, "gathered"):
-            cells = [self.ranks[name].get(kind, "device") for name in SHARDED_STRATEGIES]
-            cells.append(self.ranks["hift_fsdp"].get(kind, "host"))
-            lines.append(f"{kind:<24}" + "".join(f"{n / GIB:>18.2f}" for n in cells))
-        totals = [self.ranks[name].total("device") for name in SHARDED_STRATEGIES]
-        totals.append(self.ranks["hift_fsdp"].total("host"))
-        lines.append(f"{'total':<24}" + "".join(f"{n / GIB:>18.2f}" for n in totals))
+            lines.append(f"{kind:<24}" + "".join(cell(name, place, kind) for name, place in columns))
+        lines.append(f"{'total':<24}" + "".join(cell(name, place, None) for name, place in columns))
+        if "hift_fsdp" not in self.ranks:
+            lines.append(
+                f"hift_fsdp trains at {', '.join(SHARDED_PRECISIONS)}, not {one.precision}: use bf16-true, or"
+                " hift_ddp for fp16."
+            )
         return "\n".join(lines)
 
 
@@ -296,96 +299,22 @@ def estimate_per_rank(
     unit = max(sum(params[name].numel() for name in u.param_names) for u in find_units(model, layers))
     weight_bytes = 2 if precision in ("bf16-true", "16-true", "mixed") else 4
     grad_bytes = 2 if precision in ("bf16-true", "16-true") else 4
-    ranks = {"fsdp": MemoryBreakdown(), "hift_ddp": MemoryBreakdown(), "hift_fsdp": MemoryBreakdown()}
+    sharded_hift = precision in SHARDED_PRECISIONS
+    ranks = {"fsdp": MemoryBreakdown(), "hift_ddp": MemoryBreakdown()}
+    if sharded_hift:
+        ranks["hift_fsdp"] = MemoryBreakdown()
     for (kind, place), nbytes in one.fpft.bytes.items():
         ranks["fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
     for (kind, place), nbytes in one.hift.bytes.items():
         ranks["hift_ddp"].add(kind, place, nbytes)
-        ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
+        if sharded_hift:
+            ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
     if world_size > 1:
         for name in ("fsdp", "hift_fsdp"):
-            ranks[name].add("gathered", "device", (weight_bytes + grad_bytes) * unit)
+            if name in ranks:
+                ranks[name].add("gathered", "device", (weight_bytes + grad_bytes) * unit)
     return PerRankEstimate(world_size, one, unit, ranks)
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def snapshot(strategy: HiFTStrategyBase) -> MemoryBreakdown:
-    """Measure the live bytes of a HiFT run by kind and place.
-
-    Parameters and gradients are placed by the device their tensors are on. Optimizer state and fp32 masters
-    are placed where the strategy keeps them: on a CPU-only machine host and device are one memory, and the
-    strategy's bookkeeping is what tells them apart. The scalar ``step`` counters are left out.
-    """
-    breakdown = MemoryBreakdown()
-    module = strategy.lightning_module
-    assert module is not None
-    # Sharded tensors (FSDP2) count what this process holds.
-    for p in module.parameters():
-        held = local(p)
-        breakdown.add("params", _place(held, strategy.root_device), held.nbytes)
-        if p.grad is not None:
-            grad = local(p.grad)
-            breakdown.add("grads", _place(grad, strategy.root_device), grad.nbytes)
-    placement, masters = strategy.placement, strategy.masters
-    if placement is not None:
-        for block in strategy.blocks:
-            place = "host" if placement.where(block) == "host" else "device"
-            breakdown.add("optimizer_state", place, _state_bytes(placement.optimizer.state, placement.keys(block)))
-        # The next block's copies already on their way to the device (CUDA), beside their host originals.
-        breakdown.add("optimizer_state", "device", placement.transfer.incoming_bytes("state"))
-        breakdown.add("masters", "device", placement.transfer.incoming_bytes("master"))
-        breakdown.pinned = placement.transfer.pinned_bytes
-    if masters is not None:
-        for block in strategy.blocks:
-            nbytes = sum(local(master).nbytes for master in masters.masters(block))
-            breakdown.add("masters", "host" if masters.where(block) == "host" else "device", nbytes)
-    return breakdown
-
-
-def _place(tensor: torch.Tensor, device: torch.device) -> str:
-    return "host" if tensor.device.type == HOST.type and device.type != HOST.type else "device"
-
-
-def _state_bytes(state: Any, params: Iterable[torch.Tensor]) -> int:
-    return sum(
-        local(value).nbytes
-        for p in params
-        for key, value in state.get(p, {}).items()
-        if isinstance(value, torch.Tensor) and key != "step"
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Model-state memory of full fine-tuning vs HiFT.")
-    parser.add_argument("model", help="'llama2-7b' (-13b, -70b), a model folder, or a hub name (its config.json)")
-    parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
-    parser.add_argument("--optimizer", default="adamw", choices=sorted(STATE_TENSORS_PER_PARAM))
-    parser.add_argument("--layers-per-block", type=int, default=1)
-    parser.add_argument("--optimizer-state", default="offload", choices=("offload", "reset", "keep"))
-    parser.add_argument(
-        "--no-prefetch", action="store_true", help="count the active block only (as the HiFT paper does)"
-    )
-    parser.add_argument(
-        "--world-size",
-        type=int,
-        help="per process of N: Lightning FSDP full fine-tuning, hift_ddp and hift_fsdp side by side",
-    )
-    args = parser.parse_args(argv)
-    settings = {
-        "precision": args.precision,
-        "optimizer": args.optimizer,
-        "layers_per_block": args.layers_per_block,
-        "optimizer_state": args.optimizer_state,
-        "prefetch": not args.no_prefetch,
-    }
-    if args.world_size is not None:
-        print(estimate_per_rank(args.model, args.world_size, **settings).table())
-    else:
-        print(estimate_memory(args.model, **settings).table())
-
-
-if __name__ == "__main__":
-    main()
