@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_hift import partition
 from lightning_hift.blocks import Block
 from lightning_hift.optim_state import OptimizerStatePlacement
 from lightning_hift.transfer import HOST
+from tests.helpers.distributed import StopAt
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
 from tests.helpers.modules import ResumableTinyModule, quiet_trainer
 
@@ -205,3 +210,105 @@ def test_a_loaded_checkpoint_puts_the_state_where_the_mode_keeps_it(mode: str, p
     state = optimizer.state[master]
     assert state["exp_avg"].device.type == place and state["exp_avg_sq"].device.type == place
     assert state["step"].device.type == "cpu"  # torch keeps the step counter on the host
+
+
+# --- every way users save, end and continue a run -------------------------------------------------------------------
+
+
+class Validated(ResumableTinyModule):
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        tokens, labels = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(tokens), labels))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16)
+
+
+class SlowSteps(Callback):
+    """Each step takes a while, so that max_time ends the run after a few."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(0.2)
+
+
+class Rates(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def fit_once(
+    folder: Path,
+    lr_update: str,
+    ckpt_path: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint: ModelCheckpoint | None = None,
+    **options: Any,
+) -> tuple[dict[str, Tensor], list[float], Trainer]:
+    """A run of Validated (16 batches an epoch, six blocks, the schedule built for 32 steps) that saves with
+    ``checkpoint`` (by default Lightning's: at every epoch end, and the last) into ``folder``."""
+    seed_everything(11)
+    module = Validated(schedule=(4, 32))
+    rates = Rates()
+    checkpoint = checkpoint or ModelCheckpoint(dirpath=folder, save_top_k=-1, save_last=True)
+    trainer = quiet_trainer(
+        strategy=HiFTStrategy(lr_update=lr_update),
+        callbacks=[checkpoint, rates, *callbacks],
+        enable_checkpointing=True,
+        **({"max_steps": TOTAL, "limit_val_batches": 1} | options),
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return {name: p.detach().clone() for name, p in module.named_parameters()}, rates.lrs, trainer
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("lr_update", ["cycle", "stretched", "step"])
+@pytest.mark.parametrize("ending", ["epoch end", "validation", "max_time", "a callback's stop"])
+def test_every_way_a_run_is_saved_and_ended_resumes_exactly(tmp_path: Path, lr_update: str, ending: str) -> None:
+    uninterrupted, _, _ = fit_once(tmp_path / "full", lr_update)
+    if ending == "epoch end":  # ModelCheckpoint's default; step 16 is the middle of the third cycle
+        ckpt = tmp_path / "full" / "epoch=0-step=16.ckpt"
+    elif ending == "validation":
+        on_validation = ModelCheckpoint(dirpath=tmp_path / "val", monitor="val_loss", save_top_k=-1, filename="{step}")
+        fit_once(tmp_path / "val", lr_update, checkpoint=on_validation, val_check_interval=10)
+        ckpt = tmp_path / "val" / "step=10.ckpt"
+    else:  # saved as the run ends early, at the end of its cut epoch, and as the last
+        timed = ending == "max_time"
+        stop = SlowSteps() if timed else StopAt(10)
+        fit_once(tmp_path / "stopped", lr_update, callbacks=[stop], max_time={"seconds": 1} if timed else None)
+        ckpt = tmp_path / "stopped" / "last.ckpt"
+    assert 0 < torch.load(ckpt, weights_only=True)["global_step"] < TOTAL
+    resumed, _, trainer = fit_once(tmp_path / "resumed", lr_update, ckpt_path=ckpt)
+    assert trainer.global_step == TOTAL
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("lr_update", ["cycle", "stretched", "step"])
+@pytest.mark.parametrize(
+    ("first", "then", "cut_cycle_ends"),
+    [({"max_steps": 10}, {"max_steps": TOTAL}, 12), ({"max_epochs": 1}, {"max_epochs": 2}, 18)],
+    ids=["max_steps", "max_epochs"],
+)
+def test_a_finished_run_continues_to_more_steps_or_epochs_as_the_uninterrupted_run(
+    tmp_path: Path, lr_update: str, first: dict[str, int], then: dict[str, int], cut_cycle_ends: int
+) -> None:
+    by_epochs = {"max_steps": -1} if "max_epochs" in first else {}
+    uninterrupted, full_rates, _ = fit_once(tmp_path / "full", lr_update, **then, **by_epochs)
+    _, short_rates, _ = fit_once(tmp_path / "short", lr_update, **first, **by_epochs)
+    resumed, rest_rates, _ = fit_once(
+        tmp_path / "resumed", lr_update, ckpt_path=tmp_path / "short" / "last.ckpt", **then, **by_epochs
+    )
+    rates = short_rates + rest_rates
+    assert len(rates) == len(full_rates)
+    if lr_update == "cycle":
+        # The cycle the first run's end cut trains its two parts at their own means; after it, the uninterrupted run.
+        assert rates[cut_cycle_ends:] == full_rates[cut_cycle_ends:]
+        assert sum(rates) == pytest.approx(sum(full_rates), rel=1e-12)
+    else:
+        assert rates == full_rates
+        for name, value in uninterrupted.items():
+            assert torch.equal(value, resumed[name]), name
