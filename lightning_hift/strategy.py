@@ -12,6 +12,7 @@ Lightning packages: :mod:`lightning_hift.pytorch` puts them in front of ``lightn
 
 from __future__ import annotations
 
+import atexit
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -139,6 +140,7 @@ class HiFTStrategyBase(_Strategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        _destroy_process_groups_at_exit()
         self._attach_callback()
 
     def _attach_callback(self) -> None:
@@ -640,6 +642,27 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         presets = {"hift": {}, "hift_top2down": {"order": "top2down"}, "hift_random": {"order": "random"}}
         cls._register_presets(strategy_registry, presets)
+
+
+_DESTROY_AT_EXIT: list[bool] = []
+
+
+def _destroy_process_groups_at_exit() -> None:
+    """Destroy the process groups when the process exits, while the interpreter is still whole.
+
+    Left to the interpreter's final clean-up, gloo's worker threads can be torn down before they are joined
+    (``terminate called without an active exception``, SIGABRT), more often under load; Lightning destroys the
+    process group at exit for NCCL only. Registered once per process, and a no-op if the groups are gone already.
+    """
+    if _DESTROY_AT_EXIT or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    _DESTROY_AT_EXIT.append(True)
+    atexit.register(_destroy_process_groups)
+
+
+def _destroy_process_groups() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:

@@ -239,6 +239,33 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Pat
     assert_same(continued[0]["params"], uninterrupted, exact=False)
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from tests.helpers.distributed import ShardedTinyModule
+from tests.helpers.modules import quiet_trainer
+
+# Registered first, so it runs last: after whatever the fit registered.
+atexit.register(lambda: print("process group at exit:", dist.is_initialized(), flush=True))
+trainer = quiet_trainer(strategy=sys.argv[1], devices=1, max_steps=2, use_distributed_sampler=False)
+trainer.fit(ShardedTinyModule(samples=16, batch_size=4))
+print("process group after the fit:", dist.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["hift_ddp", "hift_fsdp"])
+def test_the_process_group_is_destroyed_at_exit_while_the_interpreter_is_whole(strategy: str) -> None:
+    # Left to the interpreter's final clean-up, gloo's threads could be torn down unjoined: an abort at the end of
+    # some runs (SIGABRT, "terminate called without an active exception").
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", f"import lightning_hift\n{EXIT_SCRIPT}", strategy]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process group after the fit: True" in result.stdout  # kept for what the script does next
+    assert "process group at exit: False" in result.stdout
+
+
 @pytest.mark.integration
 def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

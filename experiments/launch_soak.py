@@ -1,0 +1,132 @@
+"""Repeated multi-process launches under load: does a process ever die as it exits?
+
+    python experiments/launch_soak.py --launches 60 --parallel 3 --load 2
+    python experiments/launch_soak.py --strategies hift_fsdp_spawn --launches 10   # a quick look
+
+Each launch is a fresh interpreter that fits a small module on two CPU processes (gloo) with the strategy named, for
+a few steps, and exits. ``--parallel`` launches run at once and ``--load`` busy processes compete with them for the
+cores, the conditions under which processes of ``hift_fsdp_spawn`` were seen to abort at exit ("terminate called
+without an active exception", SIGABRT) when the process groups were left to the interpreter's final clean-up. The
+table counts launches whose exit code is not 0 or whose output holds such an abort; it is written to
+``experiments/results/launch_soak.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_hift  # noqa: F401  (registers the strategy names)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ABORT_MARKS = ("terminate called", "SIGABRT", "core dumped")
+
+
+class Small(LightningModule):
+    """A small classifier on random data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs), labels)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 16, generator=generator), torch.randint(0, 4, (64,), generator=generator))
+        return DataLoader(data, batch_size=8)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def child(strategy: str) -> None:
+    """One launch: a two-process fit of the small classifier."""
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Small())
+
+
+def busy() -> None:
+    while True:
+        pass
+
+
+def launch(strategy: str) -> tuple[str, int, bool, float]:
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", strategy], capture_output=True, text=True, timeout=900
+    )
+    aborted = any(mark in result.stdout + result.stderr for mark in ABORT_MARKS)
+    return strategy, result.returncode, aborted, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategies", nargs="+", default=["hift_fsdp_spawn", "hift_ddp_spawn"])
+    parser.add_argument("--launches", type=int, default=20, help="launches per strategy")
+    parser.add_argument("--parallel", type=int, default=3, help="launches running at once")
+    parser.add_argument("--load", type=int, default=2, help="busy processes competing for the cores")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "launch_soak.md")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(args.load)]
+    for hog in hogs:
+        hog.start()
+    try:
+        plan = [strategy for _ in range(args.launches) for strategy in args.strategies]
+        with ThreadPoolExecutor(args.parallel) as pool:
+            outcomes = list(pool.map(launch, plan))
+    finally:
+        for hog in hogs:
+            hog.terminate()
+    launches, failed, aborted = Counter(), Counter(), Counter()
+    seconds: dict[str, list[float]] = {}
+    for strategy, code, abort, took in outcomes:
+        launches[strategy] += 1
+        failed[strategy] += code != 0
+        aborted[strategy] += abort
+        seconds.setdefault(strategy, []).append(took)
+    lines = [
+        f"Launches under load: {args.parallel} at once, {args.load} busy processes, two gloo processes each"
+        f" (`python experiments/launch_soak.py --launches {args.launches} --parallel {args.parallel}"
+        f" --load {args.load}`).",
+        "",
+        "| strategy | launches | exit code not 0 | aborted at exit | median s per launch |",
+        "|---|---|---|---|---|",
+    ]
+    for strategy in args.strategies:
+        median = sorted(seconds[strategy])[len(seconds[strategy]) // 2]
+        lines.append(f"| {strategy} | {launches[strategy]} | {failed[strategy]} | {aborted[strategy]} | {median:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
