@@ -66,8 +66,9 @@ class HiFTStrategyBase(_Strategy):
         switch_every: optimizer steps a block stays active before the next one takes over.
         optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
             (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
-        lr_update: ``"cycle"`` (learning rate held for a cycle, the schedule still ends at ``max_steps``),
-            ``"stretched"`` (one scheduler step per cycle) or ``"step"`` (no delay).
+        lr_update: ``"cycle"`` (each cycle trains at the mean of the rates the schedule gives its steps; the
+            schedulers move as under plain Lightning), ``"stretched"`` (one scheduler step per cycle) or ``"step"``
+            (no delay). See :mod:`lightning_hift.lr`.
         layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
             automatically for known Hugging Face families and for any model with one repeated ModuleList.
         frozen: fnmatch patterns of parameter names never trained.
@@ -78,7 +79,8 @@ class HiFTStrategyBase(_Strategy):
             blocks, k: a block is trained in 1/k of the steps, so a full fine-tuning recipe's rate moves it about
             as far over a run as full fine-tuning would) or a number (``1.0``: the rates as configured). The
             schedulers, checkpoints and ``LearningRateMonitor`` keep the configured rates; only the update uses
-            the scaled ones.
+            the scaled ones. Param groups whose optimizer sizes its own steps (``lr=None``, Adafactor's
+            ``relative_step=True``) are left as they are, with a warning.
     """
 
     callback_class: ClassVar[type[HiFTCallbackBase]]
