@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -646,20 +647,20 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
         cls._register_presets(strategy_registry, presets)
 
 
-_DESTROY_AT_EXIT: list[bool] = []
-
-
 def _destroy_process_groups_at_exit() -> None:
     """Destroy the process groups when the process exits, while the interpreter is still whole.
 
     Left to the interpreter's final clean-up, gloo's worker threads can be torn down before they are joined
     (``terminate called without an active exception``, SIGABRT), more often under load; Lightning destroys the
-    process group at exit for NCCL only. Registered once per process, and a no-op if the groups are gone already.
+    process group at exit for NCCL only. A no-op where the groups are gone already.
     """
-    if _DESTROY_AT_EXIT or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    _DESTROY_AT_EXIT.append(True)
-    atexit.register(_destroy_process_groups)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _register_destroy_at_exit()
+
+
+@functools.cache
+def _register_destroy_at_exit() -> None:
+    atexit.register(_destroy_process_groups)  # once per process
 
 
 def _destroy_process_groups() -> None:
