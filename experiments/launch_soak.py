@@ -73,13 +73,14 @@ def busy() -> None:
         pass
 
 
-def launch(strategy: str) -> tuple[str, int, bool, float]:
+def launch(strategy: str) -> tuple[str, int, bool, float, str]:
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--child", strategy], capture_output=True, text=True, timeout=900
     )
-    aborted = any(mark in result.stdout + result.stderr for mark in ABORT_MARKS)
-    return strategy, result.returncode, aborted, time.perf_counter() - start
+    output = result.stdout + result.stderr
+    aborted = any(mark in output for mark in ABORT_MARKS)
+    return strategy, result.returncode, aborted, time.perf_counter() - start, output
 
 
 def main() -> None:
@@ -106,11 +107,14 @@ def main() -> None:
             hog.terminate()
     launches, failed, aborted = Counter(), Counter(), Counter()
     seconds: dict[str, list[float]] = {}
-    for strategy, code, abort, took in outcomes:
+    failures: list[str] = []
+    for strategy, code, abort, took, output in outcomes:
         launches[strategy] += 1
         failed[strategy] += code != 0
         aborted[strategy] += abort
         seconds.setdefault(strategy, []).append(took)
+        if code != 0 or abort:
+            failures.append(f"{strategy}, exit code {code}:\n\n```\n" + "\n".join(output.splitlines()[-15:]) + "\n```")
     lines = [
         f"Launches under load: {args.parallel} at once, {args.load} busy processes, two gloo processes each"
         f" (`python experiments/launch_soak.py --launches {args.launches} --parallel {args.parallel}"
@@ -122,6 +126,8 @@ def main() -> None:
     for strategy in args.strategies:
         median = sorted(seconds[strategy])[len(seconds[strategy]) // 2]
         lines.append(f"| {strategy} | {launches[strategy]} | {failed[strategy]} | {aborted[strategy]} | {median:.1f} |")
+    if failures:
+        lines += ["", "The end of each failed launch's output:", "", *failures]
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -314,12 +314,16 @@ class HiFTStrategyBase(_Strategy):
             (self.layers_per_block, self.order, self.seed, self.switch_every, self.optimizer_state_mode),
             (self.lr_update, self.lr_scale, self.on_nonfinite),
         )
-        if self.broadcast(mine) != mine:
+        # Every process learns which ones differ, so that all stop with the same message (process 0 alone would
+        # otherwise go on, and wait for the others until a collective fails).
+        differs = torch.tensor([int(self.broadcast(mine) != mine)], device=self.root_device)
+        ranks = [rank for rank, flag in enumerate(self.all_gather(differs).flatten().tolist()) if flag]
+        if ranks:
             raise HiFTConfigError(
-                f"Process {getattr(self, 'global_rank', 0)} cut the model into different blocks, or has different"
-                f" HiFT settings, than process 0. Give every process the same model and the same {type(self).__name__}"
-                " arguments (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state,"
-                " lr_update, lr_scale, on_nonfinite)."
+                f"Process(es) {ranks} cut the model into different blocks, or have different HiFT settings, than"
+                f" process 0. Give every process the same model and the same {type(self).__name__} arguments"
+                " (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state, lr_update,"
+                " lr_scale, on_nonfinite)."
             )
 
     def freeze(self) -> None:

@@ -281,7 +281,9 @@ def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_processes_that_disagree_on_the_blocks_stop_before_training(tmp_path: Path) -> None:
     trainer = quiet_trainer(strategy=MismatchedSeedStrategy(start_method="spawn"), devices=WORLD, max_steps=2)
-    with pytest.raises(Exception, match="different HiFT settings"):
+    with pytest.raises(
+        Exception, match=r"Process\(es\) \[1\] cut the model into different blocks, or have different HiFT settings"
+    ):
         trainer.fit(ShardedTinyModule())
 
 
