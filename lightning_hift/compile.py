@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from torch import nn
-from torch._dynamo.eval_frame import OptimizeContext, _TorchDynamoContext
 
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.packages import private, private_attribute
 from lightning_hift.units import EMBEDDINGS, OUTPUT, LayersSpec, find_units
 
 Compiler: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -127,7 +127,8 @@ def _compiler_of(call: object) -> Compiler | None:
         return None
     if getattr(call, "_torchdynamo_disable", False):
         return None  # torch.compiler.disable marks functions the same way, to keep them out of graphs
-    contexts = [value for value in _closure_values(call) if isinstance(value, _TorchDynamoContext)]
+    dynamo_context = private("torch._dynamo.eval_frame", "_TorchDynamoContext")
+    contexts = [value for value in _closure_values(call) if isinstance(value, dynamo_context)]
     if not contexts:
         raise HiFTConfigError(
             f"HiFT cannot read how {getattr(call, '__qualname__', call)!r} was compiled, so it cannot compile the"
@@ -135,7 +136,8 @@ def _compiler_of(call: object) -> Compiler | None:
             " the model with torch.compile(model) or model.compile() before trainer.fit, or do not compile it."
         )
     # torch._dynamo.run (RunOnlyContext) marks functions too, but runs what was compiled before without compiling.
-    return contexts[0] if isinstance(contexts[0], OptimizeContext) else None
+    compiling = private("torch._dynamo.eval_frame", "OptimizeContext")
+    return contexts[0] if isinstance(contexts[0], compiling) else None
 
 
 def _closure_values(function: object) -> list[object]:
@@ -163,7 +165,7 @@ def _run_eagerly(module: nn.Module, undo: list[Callable[[], None]]) -> Compiler:
 def _eager(module: nn.Module, attribute: str, call: Callable[..., Any]) -> Callable[..., Any] | None:
     if attribute == "_compiled_call_impl":
         return None  # nn.Module.__call__ then runs the module's own forward
-    original = call._torchdynamo_orig_callable  # type: ignore[attr-defined]
+    original = private_attribute(call, "_torchdynamo_orig_callable")
     # A compiled method on the class (a decorator) holds the plain function: bind it to this module.
     return original if attribute in vars(module) else types.MethodType(original, module)
 
@@ -184,12 +186,13 @@ def _set_for_fit(module: nn.Module, attribute: str, value: object) -> Callable[[
 
 
 def _compile_unit(unit: nn.Module, name: str, compiler: Compiler) -> Callable[[], None]:
+    private("torch.nn", "Module._compiled_call_impl")  # what nn.Module.__call__ runs instead of forward when set
     # Not unit.compile(compiler's options): that compiles Module._call_impl, a frame dynamo skips for torch.nn's own
     # modules (a layer that is an nn.Sequential would silently stay eager), and whose one code object every module
     # shares. Dynamo keeps graphs and counts them against recompile_limit per code object, so the region gets a code
     # object of its own: one layer's graphs (specialised on its state and on integer attributes such as
     # layer_idx) then never count against another's.
-    region = _region(unit._call_impl, "hift_unit_" + re.sub(r"\W", "_", name))
+    region = _region(private_attribute(unit, "_call_impl"), "hift_unit_" + re.sub(r"\W", "_", name))
     return _set_for_fit(unit, "_compiled_call_impl", compiler(region))
 
 

@@ -19,12 +19,11 @@ FSDP2 cannot shard one parameter in two groups. Every process starts from proces
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +36,7 @@ from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode, local, rewrap, shard_like, whole
 from lightning_hift.orders import OrderName
-from lightning_hift.packages import lightning_classes
+from lightning_hift.packages import lightning_classes, private, private_attribute
 from lightning_hift.precision import SHARDED_PRECISIONS, MasterWeights, all_finite
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
 from lightning_hift.transfer import Transfer
@@ -76,8 +75,6 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     """
 
     strategy_name = "hift_fsdp"
-    spawn_launcher_class: ClassVar[type]
-    """The package's multiprocessing launcher with :class:`GatheringLauncherMixin`."""
 
     def __init__(
         self,
@@ -125,7 +122,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         if self.start_method == "popen":
             super()._configure_launcher()
             return
-        self._launcher = type(self).spawn_launcher_class(self, start_method=self.start_method)
+        self._launcher = _gathering_launcher(_package_of(self))(self, start_method=self.start_method)
 
     @override
     def setup_environment(self) -> None:
@@ -143,8 +140,8 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                 weights = [t.data for t in (*self.model.parameters(), *self.model.buffers())]
                 broadcast_from_first(weights, self.root_device, _BROADCAST_BUCKET_BYTES)
             shard_by_unit(self.model, self.device_mesh["data_parallel"], self.layers)
-        lightning_init = importlib.import_module(f"{_fabric_of(self)}.utilities.init")
-        lightning_init._materialize_distributed_module(self.model, self.root_device)
+        materialize = private(f"{_fabric_of(self)}.utilities.init", "_materialize_distributed_module")
+        materialize(self.model, self.root_device)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -161,9 +158,9 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             return self._load_shards(path, weights_only)
         assert self.model is not None and self.lightning_module is not None
         checkpoint: dict[str, Any] = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
-        fabric = importlib.import_module(f"{_fabric_of(self)}.strategies.model_parallel")
+        load_module_state = private(f"{_fabric_of(self)}.strategies.model_parallel", "_load_raw_module_state")
         strict = self.lightning_module.strict_loading
-        fabric._load_raw_module_state(checkpoint.pop("state_dict"), self.model, self.world_size, strict=strict)
+        load_module_state(checkpoint.pop("state_dict"), self.model, self.world_size, strict=strict)
         saved = checkpoint.get("optimizer_states")
         if self.optimizers and saved and all(isinstance(key, int) for key in saved[0]["state"]):
             # Saved by index (by any HiFT strategy, or plain Lightning on one device): each process keeps its shard.
@@ -367,6 +364,29 @@ class GatheringLauncherMixin:
             del module.state_dict
 
 
+@functools.cache
+def _gathering_launcher(package: str) -> type:
+    """``package``'s launcher for spawned or forked processes, with :class:`GatheringLauncherMixin`; made when first
+    used, as its base is a private Lightning class."""
+    module = f"{package}.strategies.launchers.multiprocessing"
+    private(module, "_MultiProcessingLauncher._collect_rank_zero_results")  # the method the mixin extends
+    base = private(module, "_MultiProcessingLauncher")
+    name = _launcher_name(package)
+    return type(name, (GatheringLauncherMixin, base), {"__module__": __name__, "__qualname__": name})
+
+
+def _launcher_name(package: str) -> str:
+    return "GatheringLauncher_" + package.replace(".", "_")
+
+
+def __getattr__(name: str) -> Any:
+    # The launcher travels to spawned processes with the strategy: pickle finds its class here by name.
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        if name == _launcher_name(package):
+            return _gathering_launcher(package)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _package_of(strategy: object) -> str:
     """``"lightning.pytorch"`` or ``"pytorch_lightning"``: the package whose Strategy ``strategy`` is."""
     for cls in type(strategy).__mro__:
@@ -432,7 +452,8 @@ def _init_fsdp_now(model: nn.Module) -> None:
     for name, module in model.named_modules():  # outer modules first
         if isinstance(module, FSDPModule) and not any(name.startswith(f"{root}.") or not root for root in roots):
             roots.append(name)
-            module._get_fsdp_state()._lazy_init()  # torch 2.13 has no public call for this
+            state = private_attribute(module, "_get_fsdp_state")()  # torch 2.13 has no public call for this
+            private_attribute(state, "_lazy_init")()
 
 
 def _by_index(optimizer: Optimizer) -> list[Tensor]:

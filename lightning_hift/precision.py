@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
 from lightning_hift.optim_state import Place, copy_whole, local, rewrap, whole
+from lightning_hift.packages import private_attribute
 from lightning_hift.transfer import HOST, Transfer
 
 SHARDED_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
@@ -250,6 +251,7 @@ def _set_local(master: Tensor, moved: Tensor) -> None:
     if moved is local(master):
         return
     if hasattr(master, "device_mesh"):
+        private_attribute(master, "_local_tensor")  # still the name of a DTensor's shard in this torch
         master._local_tensor = moved  # type: ignore[attr-defined]
     else:
         master.data = moved

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.ddp import DDPHiFT
-from lightning_hift.fsdp import FSDPHiFT, GatheringLauncherMixin
+from lightning_hift.fsdp import FSDPHiFT
 from lightning_hift.strategy import SingleDeviceHiFT
 
 
@@ -29,14 +28,9 @@ class HiFTDDPStrategy(DDPHiFT, DDPStrategy):
     callback_class = HiFTCallback
 
 
-class _GatheringLauncher(GatheringLauncherMixin, _MultiProcessingLauncher):
-    pass
-
-
 class HiFTFSDPStrategy(FSDPHiFT, ModelParallelStrategy):
     __doc__ = FSDPHiFT.__doc__
     callback_class = HiFTCallback
-    spawn_launcher_class = _GatheringLauncher
 
 
 HiFTStrategy.register_strategies(StrategyRegistry)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, StrategyRegistry
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.ddp import DDPHiFT
-from lightning_hift.fsdp import FSDPHiFT, GatheringLauncherMixin
+from lightning_hift.fsdp import FSDPHiFT
 from lightning_hift.strategy import SingleDeviceHiFT
 
 
@@ -31,14 +30,9 @@ class HiFTDDPStrategy(DDPHiFT, DDPStrategy):  # type: ignore[misc]
     callback_class = HiFTCallback
 
 
-class _GatheringLauncher(GatheringLauncherMixin, _MultiProcessingLauncher):
-    pass
-
-
 class HiFTFSDPStrategy(FSDPHiFT, ModelParallelStrategy):  # type: ignore[misc]
     __doc__ = FSDPHiFT.__doc__
     callback_class = HiFTCallback
-    spawn_launcher_class = _GatheringLauncher
 
 
 HiFTStrategy.register_strategies(StrategyRegistry)

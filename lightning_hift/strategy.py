@@ -31,7 +31,7 @@ from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement, copy_whole, local, rewrap
 from lightning_hift.orders import OrderName
-from lightning_hift.packages import lightning_classes
+from lightning_hift.packages import lightning_classes, private_attribute
 from lightning_hift.precision import LossScaler, MasterWeights, all_finite
 from lightning_hift.transfer import HOST, Transfer
 from lightning_hift.units import LayersSpec, check_layers_spec
@@ -234,7 +234,7 @@ class HiFTStrategyBase(_Strategy):
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
         if not self._converts_to_half():
             return None
-        fp16 = self.precision_plugin._desired_input_dtype == torch.float16  # type: ignore[attr-defined]
+        fp16 = private_attribute(self.precision_plugin, "_desired_input_dtype") == torch.float16
         scaler = LossScaler() if fp16 else None
         return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer, full_values)
 

@@ -20,6 +20,7 @@ from typing import TypeAlias
 from torch import nn
 
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.packages import private
 
 EMBEDDINGS = "embeddings"
 OUTPUT = "output"
@@ -182,9 +183,8 @@ def _layer_names(model: nn.Module, layers: LayersSpec, hf: _HFModel | None) -> l
 
 def _compile_wrapper() -> type:
     """The class of the module ``torch.compile(module)`` returns."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return OptimizedModule
+    wrapper: type = private("torch._dynamo.eval_frame", "OptimizedModule")
+    return wrapper
 
 
 def _find_hf_model(model: nn.Module) -> _HFModel | None:
