@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from run_summary import markdown_table
 
 from lightning_hift import HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
-from lightning_hift.fsdp import shard_by_unit
+from lightning_hift.fsdp import gathering_launcher, shard_by_unit
 from lightning_hift.tasks import SequenceClassifier, StepTimer, TweetSentimentDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,7 +73,7 @@ class SpawnedModelParallel(ModelParallelStrategy):
     the main process gets the gathered weights back as under ``hift_fsdp``."""
 
     def _configure_launcher(self) -> None:
-        self._launcher = HiFTFSDPStrategy.spawn_launcher_class(self, start_method="spawn")
+        self._launcher = gathering_launcher(self, "spawn")
 
 
 class TrafficMeter(Callback):

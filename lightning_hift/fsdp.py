@@ -34,7 +34,7 @@ from typing_extensions import override
 from lightning_hift import lr
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.optim_state import OptimizerStateMode, local, rewrap, shard_like, whole
+from lightning_hift.optim_state import OptimizerStateMode, gather_to_first, local, rewrap, shard_like
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes, private, private_attribute
 from lightning_hift.precision import SHARDED_PRECISIONS, MasterWeights, all_finite
@@ -122,7 +122,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         if self.start_method == "popen":
             super()._configure_launcher()
             return
-        self._launcher = _gathering_launcher(_package_of(self))(self, start_method=self.start_method)
+        self._launcher = gathering_launcher(self, self.start_method)
 
     @override
     def setup_environment(self) -> None:
@@ -273,11 +273,16 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         state = optimizer.state_dict()
         if self._save_distributed_checkpoint:  # each process writes its own shards
             return state
-        state["state"] = {
-            index: {key: whole(value).cpu() if isinstance(value, Tensor) else value for key, value in tensors.items()}
+        # Gathered through the device tensor by tensor; kept on process 0 only (Lightning's convention for full
+        # state dicts: the others return an empty one).
+        gathered = {
+            index: {
+                key: gather_to_first(value, self.root_device) if isinstance(value, Tensor) else value
+                for key, value in tensors.items()
+            }
             for index, tensors in state["state"].items()
         }
-        return state
+        return state | {"state": gathered} if self.global_rank == 0 else {}
 
     @override
     def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
@@ -362,6 +367,12 @@ class GatheringLauncherMixin:
             return super()._collect_rank_zero_results(trainer, results)  # type: ignore[misc]
         finally:
             del module.state_dict
+
+
+def gathering_launcher(strategy: Any, start_method: str) -> Any:
+    """A launcher for ``strategy`` (a model-parallel strategy of either Lightning package) that starts its processes
+    with ``start_method`` (``"spawn"`` or ``"fork"``) and hands the main process the gathered full weights."""
+    return _gathering_launcher(_package_of(strategy))(strategy, start_method=start_method)
 
 
 @functools.cache
