@@ -16,6 +16,7 @@ bookkeeping that the accounting and the tests read. On CUDA the copies run on a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.packages import private_attribute
 from lightning_hift.transfer import HOST, Transfer
 
 OptimizerStateMode = Literal["offload", "reset", "keep"]
@@ -234,16 +236,35 @@ def copy_whole(dst: Tensor, src: Tensor) -> None:
 
 
 def rewrap(value: Tensor, moved: Tensor) -> Tensor:
-    """``moved`` (a copy of ``local(value)`` elsewhere) as what ``value`` is: a DTensor on the same mesh and layout
-    when ``value`` is one, else ``moved`` itself."""
+    """``moved`` (a copy of ``local(value)`` elsewhere, of any dtype) as what ``value`` is: a DTensor with the same mesh
+    and layout when ``value`` is one, else ``moved`` itself.
+
+    The shard stays where ``moved`` is: a state tensor resting in host memory stays there although its mesh is on the
+    accelerator. (``DTensor.from_local`` would copy a host shard back to the mesh's device, on the compute stream.)
+    Nothing is copied or read, so a host buffer still being filled by a side-stream copy may be wrapped.
+    """
     if not hasattr(value, "device_mesh"):
         return moved
     from torch.distributed.tensor import DTensor
 
-    assert isinstance(value, DTensor)
-    return DTensor.from_local(
-        moved, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
-    )
+    spec = private_attribute(value, "_spec")
+    if spec.tensor_meta.dtype != moved.dtype:
+        spec = dataclasses.replace(spec, tensor_meta=spec.tensor_meta._replace(dtype=moved.dtype))
+    wrapped: Tensor = DTensor(moved, spec, requires_grad=False)
+    return wrapped
+
+
+def gather_to_first(value: Tensor, device: torch.device) -> Tensor | None:
+    """``value`` whole, in host memory, on process 0 and ``None`` on the others: for a consolidated checkpoint.
+
+    A DTensor is gathered on ``device`` wherever its shard rests (NCCL gathers device memory only), one tensor at a
+    time, the way Lightning gathers a full state dict: every process takes part, only process 0 keeps a host copy. A
+    plain tensor, whole on every process already, is returned in host memory.
+    """
+    if not hasattr(value, "device_mesh"):
+        return value.to(HOST)
+    gathered = whole(rewrap(value, local(value).to(device)))
+    return gathered.to(HOST) if torch.distributed.get_rank() == 0 else None
 
 
 def _cast_like(value: Any, p: Tensor, device: torch.device) -> Any:

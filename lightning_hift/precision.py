@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_hift.blocks import Block
-from lightning_hift.optim_state import Place, copy_whole, local, rewrap, whole
+from lightning_hift.optim_state import Place, copy_whole, gather_to_first, local, rewrap
 from lightning_hift.packages import private_attribute
-from lightning_hift.transfer import HOST, Transfer
+from lightning_hift.transfer import Transfer
 
 SHARDED_PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
 """The precisions ``hift_fsdp`` trains at: fp16 needs loss scaling, whose overflow check would see one shard per
@@ -96,8 +96,10 @@ class MasterWeights:
         for block in blocks:
             for p in block.params:
                 full = full_values.get(p)
-                value = full if full is not None else rewrap(p, local(p).detach().to(HOST, torch.float32, copy=True))
-                master = nn.Parameter(value, requires_grad=False)
+                # Made where the weight is (a DTensor master then reports the compute device, as its gradients and
+                # optimizer state do during its block's turns), and sent to rest below, a block at a time.
+                source = local(full if full is not None else p).detach()
+                master = nn.Parameter(rewrap(p, source.to(device, torch.float32, copy=True)), requires_grad=False)
                 self._master[id(p)] = master
             self._to_pinned(block)  # on CUDA, so that the first copy to the device overlaps compute
         self._substitute(optimizer)
@@ -203,15 +205,30 @@ class MasterWeights:
             master.grad = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The masters and the loss scale. Sharded masters (FSDP2) are gathered whole for a consolidated checkpoint,
+        and kept on process 0 only (the others return an empty dict, as Lightning's full state dicts do), or kept
+        as this process's shards for a sharded checkpoint (``gather=False``)."""
         self.transfer.synchronize()
-        # Sharded masters (FSDP2) are gathered whole for a consolidated checkpoint, and kept as this process's
-        # shards for a sharded one.
-        masters = [
-            whole(m.detach()).to(HOST) if self.gather else m.detach()
+        masters: list[Tensor | None] = [
+            gather_to_first(m.detach(), self.device) if self.gather else m.detach()
             for block in self.blocks
             for m in self.masters(block)
         ]
+        if any(m is None for m in masters):
+            return {}
         return {"masters": masters, "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def snapshot(self) -> list[Tensor]:
+        """A copy of this process's masters (its shards, under FSDP2), for :meth:`restore`."""
+        self.transfer.synchronize()
+        return [local(m).detach().clone() for block in self.blocks for m in self.masters(block)]
+
+    def restore(self, snapshot: list[Tensor]) -> None:
+        """Put back the masters :meth:`snapshot` copied (after a tuner's trials changed them)."""
+        self.transfer.discard("master")
+        with torch.no_grad():
+            for m, saved in zip([m for block in self.blocks for m in self.masters(block)], snapshot, strict=True):
+                local(m).copy_(saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["masters"]

@@ -13,7 +13,6 @@ Lightning packages: :mod:`lightning_hift.pytorch` puts them in front of ``lightn
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -136,7 +135,7 @@ class HiFTStrategyBase(_Strategy):
         self._warned_no_grad: set[int] = set()
         self.callback: HiFTCallbackBase | None = None
         self._fit_callbacks: list[Any] | None = None
-        self._masters_before_tuner: dict[str, Any] | None = None
+        self._masters_before_tuner: list[Tensor] | None = None
         self.checkpoint_inputs = CheckpointInputs()
         self.compiled_by_unit: CompiledByUnit | None = None
 
@@ -176,13 +175,13 @@ class HiFTStrategyBase(_Strategy):
             callbacks.append(self.callback)
             if self.masters is not None and self._masters_before_tuner is None:
                 # Lightning restores the weights and optimizer state after the trials, but the masters are HiFT's.
-                self._masters_before_tuner = copy.deepcopy(self.masters.state_dict())
+                self._masters_before_tuner = self.masters.snapshot()
             self.callback.on_train_start(module.trainer, module)
 
     def end_tuning(self) -> None:
         """Put back what a tuner's trials changed and Lightning does not restore (the fp32 masters)."""
         if self.masters is not None and self._masters_before_tuner is not None:
-            self.masters.load_state_dict(self._masters_before_tuner)
+            self.masters.restore(self._masters_before_tuner)
         self._masters_before_tuner = None
 
     @override

@@ -174,6 +174,11 @@ def test_bf16_weights_step_fp32_masters_and_every_block_is_reduced_in_fp32(tmp_p
             # which FSDP2 would have left in bf16 after being frozen at its first forward.
             assert batch["sent"]["reduce_scatter"] == 2 * batch["block_grad_bytes"], batch["block"]
             assert batch["memory"]["masters_device"] == 2 * batch["block_grad_bytes"] // WORLD  # fp32, a half each
+    # A consolidated checkpoint is gathered to process 0 alone: AdamW's two fp32 state tensors and the fp32 master
+    # of every weight, whole (plus the step counters); process 1 keeps nothing of it.
+    whole = sum(p.numel() for p in gathered.values())
+    assert reports[0]["checkpoint_bytes"] >= 3 * 4 * whole
+    assert reports[1]["checkpoint_bytes"] == 0
 
 
 def test_an_optimizer_that_calls_its_closure_twice_steps_each_pass_on_the_fp32_masters(tmp_path: Path) -> None:

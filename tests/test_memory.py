@@ -230,3 +230,43 @@ def test_command_line_prints_the_per_rank_table(capsys: pytest.CaptureFixture[st
     main(["llama2-13b", "--world-size", "8", "--precision", "bf16-true"])
     out = capsys.readouterr().out
     assert "per process of 8" in out and "hift_fsdp device" in out and "gathered" in out
+
+
+def test_the_figures_come_from_the_tensors_not_from_the_strategys_word() -> None:
+    """A run on an accelerator (the meta device stands in for it: the one device this machine has besides the host)
+    whose strategy believes both blocks' optimizer state and masters rest in host memory, while block 0's are still
+    on the device: they must count as device bytes."""
+    from types import SimpleNamespace
+
+    from lightning_hift.blocks import Block
+
+    device = torch.device("meta")
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(device)
+    first, second = list(module[0].parameters()), list(module[1].parameters())
+    blocks = [
+        Block(0, ("0",), ("0.weight", "0.bias"), tuple(first)),
+        Block(1, ("1",), ("1.weight", "1.bias"), tuple(second)),
+    ]
+    state = {p: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(p.shape, device=device)} for p in first}
+    state |= {p: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(p.shape)} for p in second}
+    masters = {id(p): torch.zeros(p.shape, device=device) for p in first}
+    masters |= {id(p): torch.zeros(p.shape) for p in second}
+    strategy = SimpleNamespace(
+        lightning_module=module,
+        root_device=device,
+        blocks=blocks,
+        placement=SimpleNamespace(
+            where=lambda block: "host",  # wrong for block 0
+            optimizer=SimpleNamespace(state=state),
+            keys=lambda block: block.params,
+            transfer=SimpleNamespace(incoming_bytes=lambda kind: 0, pinned_bytes=0),
+        ),
+        masters=SimpleNamespace(
+            where=lambda block: "host", masters=lambda block: [masters[id(p)] for p in block.params]
+        ),
+    )
+    taken = snapshot(strategy)  # type: ignore[arg-type]
+    first_bytes, second_bytes = 4 * (16 + 4), 4 * (8 + 2)
+    assert taken.get("optimizer_state", "device") == taken.get("masters", "device") == first_bytes
+    assert taken.get("optimizer_state", "host") == taken.get("masters", "host") == second_bytes
+    assert taken.get("params", "device") == first_bytes + second_bytes and taken.total("host") == 2 * second_bytes

@@ -185,6 +185,27 @@ class ShardReport(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         params = get_model_state_dict(pl_module, options=options)  # every process takes part; process 0 gets it
-        skipped = trainer.strategy.skipped_nonfinite  # type: ignore[attr-defined]
-        report = {"world_size": trainer.world_size, "params": params, "batches": self.batches, "skipped": skipped}
+        strategy: Any = trainer.strategy
+        skipped = strategy.skipped_nonfinite
+        # What this process holds of a consolidated checkpoint (a collective: every process gathers).
+        held = _tensor_bytes(strategy.optimizer_state(trainer.optimizers[0]))
+        held += _tensor_bytes(strategy.masters.state_dict()) if strategy.masters is not None else 0
+        report = {
+            "world_size": trainer.world_size,
+            "params": params,
+            "batches": self.batches,
+            "skipped": skipped,
+            "checkpoint_bytes": held,
+        }
         torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nest of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
