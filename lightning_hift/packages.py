@@ -62,6 +62,8 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("torch._dynamo.eval_frame", "OptimizedModule", "torch.compile's wrapper, looked through to find the units"),
     ("torch.nn", "Module._call_impl", "a unit is compiled through its call"),
     ("torch.nn", "Module._compiled_call_impl", "where module.compile() leaves the compiled call"),
+    ("torch.cuda.memory", "_record_memory_history", "the GPU check records one cycle's allocations"),
+    ("torch.cuda.memory", "_dump_snapshot", "the same, written to experiments/results"),
 )
 """``(module, attribute path, why)`` of every private module-level or class-level name the package uses, looked up
 through :func:`private`; ``{pl}`` and ``{fabric}`` stand for each installed Lightning package and its Fabric."""
