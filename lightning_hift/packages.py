@@ -62,6 +62,7 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("torch._dynamo.eval_frame", "OptimizedModule", "torch.compile's wrapper, looked through to find the units"),
     ("torch.nn", "Module._call_impl", "a unit is compiled through its call"),
     ("torch.nn", "Module._compiled_call_impl", "where module.compile() leaves the compiled call"),
+    ("torch._subclasses.fake_tensor", "FakeTensorMode", "the planner traces a forward without weights"),
     ("torch.cuda.memory", "_record_memory_history", "the GPU check records one cycle's allocations"),
     ("torch.cuda.memory", "_dump_snapshot", "the same, written to experiments/results"),
 )

@@ -130,6 +130,8 @@ def test_planner_bad_arguments_are_named(argument: dict[str, Any], message: str)
         (["llama2-7b", "--optimizer-state", "bogus"], "--optimizer-state: invalid choice: 'bogus'"),
         (["llama2-7b", "--precision", "fp8"], "--precision: invalid choice: 'fp8'"),
         (["/no/such/model/folder"], "cannot plan '/no/such/model/folder'"),
+        (["llama2-7b", "--batch-size", "2"], "give --batch-size and --seq-len together"),
+        (["llama2-7b", "--batch-size", "1", "--seq-len", "8", "--gradient-checkpointing", "yes"], "invalid choice"),
     ],
 )
 def test_command_line_refuses_bad_values_with_a_usage_message(
@@ -270,3 +272,37 @@ def test_the_figures_come_from_the_tensors_not_from_the_strategys_word() -> None
     assert taken.get("optimizer_state", "device") == taken.get("masters", "device") == first_bytes
     assert taken.get("optimizer_state", "host") == taken.get("masters", "host") == second_bytes
     assert taken.get("params", "device") == first_bytes + second_bytes and taken.total("host") == 2 * second_bytes
+
+
+def test_activations_join_both_breakdowns_given_a_batch_shape() -> None:
+    from lightning_hift.blocks import partition
+    from lightning_hift.memory.activations import activation_bytes, hf_batch
+    from tests.helpers.tiny_models import TINY_MODELS
+
+    model = TINY_MODELS["llama-lm"]()
+    plain = estimate_memory(model, "bf16-true")
+    planned = estimate_memory(model, "bf16-true", batch_size=2, seq_len=16)
+    assert "activations" not in plain.table() and "activations" in planned.table()
+    blocks = partition(model, 1)
+    sets = [[p for b in blocks for p in b.params], *[b.params for b in blocks]]
+    figures = activation_bytes(model, hf_batch(model, 2, 16), sets, "bf16-true")
+    assert planned.fpft.get("activations", "device") == figures[0] > 0
+    assert planned.hift.get("activations", "device") == max(figures[1:]) > 0
+    model_state = planned.hift.total("device") - planned.hift.get("activations", "device")
+    assert model_state == plain.hift.total("device")
+    with pytest.raises(HiFTConfigError, match="batch_size and seq_len"):
+        estimate_memory(model, batch_size=2)
+    checkpointed = estimate_memory(model, "bf16-true", batch_size=2, seq_len=16, gradient_checkpointing=True)
+    assert checkpointed.fpft.get("activations", "device") < figures[0]
+
+
+def test_activations_are_each_processs_whole_not_split() -> None:
+    from tests.helpers.tiny_models import TINY_MODELS
+
+    model = TINY_MODELS["llama-lm"]()
+    one = estimate_memory(model, "bf16-true", batch_size=2, seq_len=16)
+    rank = estimate_per_rank(model, 4, "bf16-true", batch_size=2, seq_len=16)
+    assert rank.ranks["fsdp"].get("activations", "device") == one.fpft.get("activations", "device")
+    for name in ("hift_ddp", "hift_fsdp"):
+        assert rank.ranks[name].get("activations", "device") == one.hift.get("activations", "device")
+    assert "activations" in rank.table()

@@ -2,6 +2,7 @@
 
 python -m lightning_hift.memory llama2-7b --optimizer adamw --precision bf16-true
 python -m lightning_hift.memory llama2-70b --precision bf16-true --world-size 8
+python -m lightning_hift.memory llama2-7b --precision bf16-true --batch-size 1 --seq-len 2048
 """
 
 from __future__ import annotations
@@ -41,13 +42,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=_positive_int,
         help="per process of N: Lightning FSDP full fine-tuning, hift_ddp and hift_fsdp side by side",
     )
+    parser.add_argument("--batch-size", type=_positive_int, help="with --seq-len: add the activations (per process)")
+    parser.add_argument("--seq-len", type=_positive_int, help="tokens per sequence")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=("off", "on", "reentrant"),
+        default="off",
+        help="Hugging Face gradient checkpointing for the activations: on (non-reentrant) or reentrant",
+    )
     args = parser.parse_args(argv)
+    if (args.batch_size is None) != (args.seq_len is None):
+        parser.error("give --batch-size and --seq-len together")
+    checkpointing = {"off": False, "on": True, "reentrant": "reentrant"}[args.gradient_checkpointing]
     settings = {
         "precision": args.precision,
         "optimizer": args.optimizer,
         "layers_per_block": args.layers_per_block,
         "optimizer_state": args.optimizer_state,
         "prefetch": not args.no_prefetch,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "gradient_checkpointing": checkpointing,
     }
     try:
         if args.world_size is not None:

@@ -2,8 +2,10 @@
 
 :func:`estimate_memory` predicts parameters, gradients, optimizer state and fp32 master copies by kind and by place
 (device or host) on one device; :func:`estimate_per_rank` does the same per process of a multi-process run. Configs
-are built on the meta device, so no weights are needed. Activations and framework overhead are not model state and
-are not counted.
+are built on the meta device, so no weights are needed. Given a batch shape, both add the kind ``"activations"``:
+what autograd saves for backward in one training forward, traced on fake tensors
+(:mod:`lightning_hift.memory.activations`). Framework overhead (the CUDA context, allocator caching) and the
+transient peak inside backward are not counted.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from torch import nn
 from lightning_hift import optim_state
 from lightning_hift.blocks import partition
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.memory.activations import Batch, LossFn, activation_bytes, hf_batch
 from lightning_hift.precision import SHARDED_PRECISIONS
 from lightning_hift.units import find_units
 
 GIB = 2**30
 KINDS = ("params", "grads", "optimizer_state", "masters")
+ACTIVATIONS = "activations"
+"""The planner's kind for activations (device bytes): present when a batch shape was given."""
 PLACES = ("device", "host")
 
 STATE_TENSORS_PER_PARAM: dict[str, int] = {
@@ -96,7 +101,7 @@ class MemoryEstimate:
             f" largest {self.largest_block / 1e6:,.2f} M; optimizer {self.optimizer}, precision {self.precision}",
             f"{'GiB':<24}{'FPFT device':>12}{'HiFT device':>12}{'HiFT host':>12}",
         ]
-        for kind in KINDS:
+        for kind in _kinds(self.fpft, self.hift):
             cells = (self.fpft.get(kind, "device"), self.hift.get(kind, "device"), self.hift.get(kind, "host"))
             lines.append(f"{kind:<24}" + "".join(f"{n / GIB:>12.2f}" for n in cells))
         totals = (self.fpft.total("device"), self.hift.total("device"), self.hift.total("host"))
@@ -112,8 +117,13 @@ def estimate_memory(
     optimizer_state: str = "offload",
     layers: Any = None,
     prefetch: bool = True,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    batch: Batch | None = None,
+    gradient_checkpointing: bool | str = False,
+    loss_fn: LossFn | None = None,
 ) -> MemoryEstimate:
-    """Predict model-state bytes of full fine-tuning and of HiFT.
+    """Predict model-state bytes of full fine-tuning and of HiFT, and their activations given a batch shape.
 
     Args:
         model_or_config: an ``nn.Module``, a ``transformers.PretrainedConfig``, a model folder or hub name (its
@@ -126,6 +136,17 @@ def estimate_memory(
         prefetch: count the next block's optimizer state (offloaded) and fp32 masters (half precision) that HiFT
             brings to a CUDA device while the current block trains, at most the second-largest block's; False
             counts the active block only, as the HiFT paper's table does.
+        batch_size: with ``seq_len``, a Hugging Face model's batch (``input_ids`` and the ``labels`` that make its
+            forward compute the loss), for the kind ``"activations"``.
+        seq_len: tokens per sequence.
+        batch: any model's inputs instead (a dict of keyword tensors or a tuple of positional ones; shapes and
+            dtypes are read, meta tensors will do).
+        gradient_checkpointing: False, True (Hugging Face's non-reentrant) or ``"reentrant"``.
+        loss_fn: ``loss_fn(output, batch) -> loss`` for models whose output carries no ``loss``.
+
+    Activations are the bytes of the distinct storages autograd saves in one training forward, the loss's
+    included and the weights' own excluded: all of them for full fine-tuning; under HiFT the most over the blocks,
+    each traced with only its parameters trainable (nothing below the active block is saved).
 
     Returns:
         The estimate; ``.table()`` formats it.
@@ -142,9 +163,24 @@ def estimate_memory(
     optim_state.check_mode(optimizer_state)
     if not isinstance(prefetch, bool):
         raise HiFTConfigError(f"prefetch must be True or False, got prefetch={prefetch!r}.")
-    return _estimate(
-        _as_model(model_or_config), precision, optimizer, layers_per_block, optimizer_state, layers, prefetch
-    )
+    model = _as_model(model_or_config)
+    estimate = _estimate(model, precision, optimizer, layers_per_block, optimizer_state, layers, prefetch)
+    if batch is None and (batch_size is not None or seq_len is not None):
+        if batch_size is None or seq_len is None:
+            raise HiFTConfigError("Give both batch_size and seq_len (or batch=) to plan activations.")
+        batch = hf_batch(model, batch_size, seq_len)
+    if batch is not None:
+        blocks = partition(model, layers_per_block, layers=layers)
+        trains = [[p for block in blocks for p in block.params], *[block.params for block in blocks]]
+        figures = activation_bytes(model, batch, trains, precision, gradient_checkpointing, loss_fn)
+        estimate.fpft.add(ACTIVATIONS, "device", figures[0])
+        estimate.hift.add(ACTIVATIONS, "device", max(figures[1:]))
+    return estimate
+
+
+def _kinds(*breakdowns: MemoryBreakdown) -> tuple[str, ...]:
+    planned = any(kind == ACTIVATIONS for b in breakdowns for kind, _ in b.bytes)
+    return (*KINDS, ACTIVATIONS) if planned else KINDS
 
 
 def _estimate(
@@ -257,7 +293,7 @@ class PerRankEstimate:
             nbytes = ranks.total(place) if kind is None else ranks.get(kind, place)
             return f"{nbytes / GIB:>18.2f}"
 
-        for kind in (*KINDS, "gathered"):
+        for kind in (*_kinds(*self.ranks.values()), "gathered"):
             lines.append(f"{kind:<24}" + "".join(cell(name, place, kind) for name, place in columns))
         lines.append(f"{'total':<24}" + "".join(cell(name, place, None) for name, place in columns))
         if "hift_fsdp" not in self.ranks:
@@ -277,13 +313,19 @@ def estimate_per_rank(
     optimizer_state: str = "offload",
     layers: Any = None,
     prefetch: bool = True,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    batch: Batch | None = None,
+    gradient_checkpointing: bool | str = False,
+    loss_fn: LossFn | None = None,
 ) -> PerRankEstimate:
     """Predict each process's model-state bytes on ``world_size`` processes: Lightning's FSDP full fine-tuning,
     ``hift_ddp`` (every process holds the whole model and the active block's gradients and state) and ``hift_fsdp``
     (weights, the active block's gradients, state and masters, and the resting state all split N ways).
 
     Both FSDP columns add one gathered unit, its weights and its gradient, at the largest unit's size; FSDP2's
-    padding of a shard (under one row per tensor) is left out. Arguments as for :func:`estimate_memory`.
+    padding of a shard (under one row per tensor) is left out. Arguments as for :func:`estimate_memory`; the batch
+    is each process's, and its activations are each process's whole (FSDP shards no activations).
 
     Example:
         >>> fsdp = estimate_per_rank("llama2-70b", world_size=8, precision="32-true").ranks["fsdp"]
@@ -294,7 +336,20 @@ def estimate_per_rank(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise HiFTConfigError(f"world_size must be a positive whole number, got {world_size!r}.")
     model = _as_model(model_or_config)
-    one = estimate_memory(model, precision, optimizer, layers_per_block, optimizer_state, layers, prefetch)
+    one = estimate_memory(
+        model,
+        precision,
+        optimizer,
+        layers_per_block,
+        optimizer_state,
+        layers,
+        prefetch,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        batch=batch,
+        gradient_checkpointing=gradient_checkpointing,
+        loss_fn=loss_fn,
+    )
     params = dict(model.named_parameters())
     unit = max(sum(params[name].numel() for name in u.param_names) for u in find_units(model, layers))
     weight_bytes = 2 if precision in ("bf16-true", "16-true", "mixed") else 4
@@ -303,12 +358,13 @@ def estimate_per_rank(
     ranks = {"fsdp": MemoryBreakdown(), "hift_ddp": MemoryBreakdown()}
     if sharded_hift:
         ranks["hift_fsdp"] = MemoryBreakdown()
+    split = {kind: 1 if kind == ACTIVATIONS else world_size for kind in (*KINDS, ACTIVATIONS)}
     for (kind, place), nbytes in one.fpft.bytes.items():
-        ranks["fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
+        ranks["fsdp"].add(kind, place, _ceil_div(nbytes, split[kind]))
     for (kind, place), nbytes in one.hift.bytes.items():
         ranks["hift_ddp"].add(kind, place, nbytes)
         if sharded_hift:
-            ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, world_size))
+            ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, split[kind]))
     if world_size > 1:
         for name in ("fsdp", "hift_fsdp"):
             if name in ranks:

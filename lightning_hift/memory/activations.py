@@ -1,0 +1,224 @@
+"""Activation bytes: what autograd keeps for backward during one training forward, for any model.
+
+One forward runs under ``torch.autograd.graph.saved_tensors_hooks``; every tensor autograd saves is noted by its
+storage, and the distinct storages are summed, the parameters' and buffers' own storage excluded. The same hook serves
+the prediction and the measurement:
+
+- :func:`activation_bytes` (predicted) runs the forward on fake tensors (shapes and dtypes, no data), so a 7B or 70B
+  config plans without weights;
+- :func:`measure_saved_bytes` (measured) runs the model's own forward on its real tensors.
+
+What trains decides what is saved: under HiFT only the active block's parameters require grad, so nothing below the
+block is saved; :func:`activation_bytes` takes the sets of parameters that train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from lightning_hift.errors import HiFTConfigError
+from lightning_hift.packages import private
+
+HALF = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "mixed": torch.float16}
+"""Precisions that train half weights: parameters, buffers and floating inputs in this dtype."""
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Precisions that keep fp32 weights and run the forward under autocast (CPU autocast's op lists)."""
+CHECKPOINTING = (False, True, "reentrant")
+"""``gradient_checkpointing``: off, Hugging Face's non-reentrant checkpointing, or its reentrant one."""
+
+Batch = Mapping[str, Tensor] | tuple[Tensor, ...]
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def hf_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Tensor]:
+    """A training batch for a Hugging Face model: ``input_ids`` and, where its forward takes them, ``labels``
+    (one per sequence for sequence classification, one per token otherwise), so that the forward computes its
+    loss. Zeros on the meta device: planning reads shapes and dtypes only."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HiFTConfigError(f"{name} must be a whole number >= 1, got {name}={value!r}.")
+    if getattr(model, "config", None) is None:
+        raise HiFTConfigError(
+            f"{type(model).__name__} is not a Hugging Face model: pass batch= (its inputs: a dict of keyword"
+            " tensors or a tuple of positional ones; meta tensors will do) instead of batch_size and seq_len."
+        )
+    batch = {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")}
+    if "labels" in inspect.signature(model.forward).parameters:
+        per_sequence = type(model).__name__.endswith("ForSequenceClassification")
+        shape = (batch_size,) if per_sequence else (batch_size, seq_len)
+        batch["labels"] = torch.zeros(shape, dtype=torch.long, device="meta")
+    return batch
+
+
+def activation_bytes(
+    model: nn.Module,
+    batch: Batch,
+    trainable: Iterable[Iterable[nn.Parameter]] | None = None,
+    precision: str = "32-true",
+    gradient_checkpointing: bool | str = False,
+    loss_fn: LossFn | None = None,
+) -> list[int]:
+    """Predicted bytes of the distinct storages autograd saves in one training forward (loss included), per set.
+
+    Args:
+        model: any module; its weights are not read (a meta-device model will do).
+        batch: the forward's inputs, a dict of keyword tensors or a tuple of positional ones; only their shapes and
+            dtypes are read (meta tensors will do).
+        trainable: sets of the model's parameters; for each set, a forward in which only those require grad. None:
+            one set, the parameters that require grad now (full fine-tuning).
+        precision: a Lightning precision name, or ``"mixed"``; half precisions convert weights, buffers and
+            floating inputs, ``*-mixed`` runs under CPU autocast.
+        gradient_checkpointing: False, True (Hugging Face's non-reentrant) or ``"reentrant"``; set for the trace
+            and put back after.
+        loss_fn: ``loss_fn(output, batch) -> loss``; by default the output's ``loss`` if it has one, else the sum
+            of its first tensor (which saves nothing more).
+
+    Returns:
+        One byte count per set in ``trainable``.
+    """
+    if gradient_checkpointing not in CHECKPOINTING:
+        raise HiFTConfigError(
+            f"gradient_checkpointing must be one of {list(CHECKPOINTING)}, got {gradient_checkpointing!r}."
+        )
+    if precision not in (*HALF, *AUTOCAST, "32-true"):
+        raise HiFTConfigError(f"Unknown precision={precision!r} for tracing activations.")
+    everything = [[p for p in model.parameters() if p.requires_grad]]
+    sets = [list(group) for group in trainable] if trainable is not None else everything
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in sets:
+        if any(id(p) not in names for p in group):
+            raise HiFTConfigError("activation_bytes: a trainable set holds a tensor that is not a parameter of model.")
+    with _training(model, gradient_checkpointing), _fake_tensors():
+        return [_traced(model, batch, {names[id(p)] for p in group}, precision, loss_fn) for group in sets]
+
+
+def measure_saved_bytes(
+    model: nn.Module, batch: Batch, precision: str = "32-true", loss_fn: LossFn | None = None
+) -> int:
+    """What autograd actually saves in one forward of ``model`` as it is (its weights, dtype, ``requires_grad``,
+    training mode and checkpointing), on real tensors: the figure :func:`activation_bytes` predicts. ``precision``
+    only chooses autocast (``*-mixed``); convert a half-precision model and its inputs yourself."""
+    own = [*model.parameters(), *model.buffers()]
+    return _saved_bytes(lambda: _call(model, batch), own, precision, loss_fn, batch)
+
+
+def _traced(model: nn.Module, batch: Batch, trains: set[str], precision: str, loss_fn: LossFn | None) -> int:
+    dtype = HALF.get(precision)
+    state = {name: _fake(t, dtype).requires_grad_(name in trains) for name, t in model.named_parameters()}
+    state |= {name: _fake(t, dtype) for name, t in model.named_buffers()}
+    inputs: Batch
+    if isinstance(batch, Mapping):
+        inputs = {key: _fake(value, dtype) for key, value in batch.items()}
+    else:
+        inputs = tuple(_fake(value, dtype) for value in batch)
+    return _saved_bytes(lambda: _call(model, inputs, state), list(state.values()), precision, loss_fn, inputs)
+
+
+def _call(model: nn.Module, batch: Batch, state: dict[str, Tensor] | None = None) -> Any:
+    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else (tuple(batch), {})
+    if state is None:
+        return model(*args, **kwargs)
+    return torch.func.functional_call(model, state, args, kwargs, strict=False)
+
+
+def _saved_bytes(
+    run: Callable[[], Any], own: list[Tensor], precision: str, loss_fn: LossFn | None, batch: Batch
+) -> int:
+    excluded = {StorageWeakRef(t.untyped_storage()) for t in own}
+    saved: dict[StorageWeakRef, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        saved.setdefault(StorageWeakRef(storage), storage.nbytes())
+        return tensor
+
+    autocast = AUTOCAST.get(precision)
+    cast = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), cast:
+        _loss(run(), batch, loss_fn)
+    return sum(nbytes for ref, nbytes in saved.items() if ref not in excluded)
+
+
+def _fake(value: Any, half: torch.dtype | None) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    dtype = half if half is not None and value.is_floating_point() else value.dtype
+    return torch.empty(value.shape, dtype=dtype, device="cpu")  # inside the fake mode: shape and dtype, no data
+
+
+def _loss(output: Any, batch: Any, loss_fn: LossFn | None) -> Tensor:
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, Tensor):
+        return loss
+    first = output if isinstance(output, Tensor) else next((v for v in _values(output) if isinstance(v, Tensor)), None)
+    if first is None:
+        raise HiFTConfigError(
+            f"Cannot find a tensor in the model's output ({type(output).__name__}) to make a loss of: pass loss_fn."
+        )
+    return first.float().sum()
+
+
+def _values(output: Any) -> Iterable[Any]:
+    if isinstance(output, Mapping):
+        return output.values()
+    if isinstance(output, (tuple, list)):
+        return output
+    return ()
+
+
+@contextlib.contextmanager
+def _fake_tensors() -> Iterator[None]:
+    fake_mode = private("torch._subclasses.fake_tensor", "FakeTensorMode")
+    try:
+        with fake_mode():
+            yield
+    except HiFTConfigError:
+        raise
+    except Exception as err:  # an op that reads values (a data-dependent shape, .item()) cannot run without data
+        raise HiFTConfigError(
+            f"The model's forward failed while traced on fake tensors ({type(err).__name__}: {err}). If the"
+            " error is about the model or its inputs, fix those; if the forward reads values (a data-dependent"
+            " shape, .item()), it cannot be traced without data: measure a small real model with"
+            " measure_saved_bytes instead."
+        ) from err
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
+    """Training mode and the requested gradient checkpointing for the trace; the model's own settings after."""
+    modes = {module: module.training for module in model.modules()}
+    was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    if checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise HiFTConfigError(
+            f"gradient_checkpointing={checkpointing!r} uses Hugging Face's gradient_checkpointing_enable, which"
+            f" {type(model).__name__} lacks; trace your own checkpointed module with gradient_checkpointing=False."
+        )
+    if checkpointing:
+        reentrant = checkpointing == "reentrant"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})  # type: ignore[operator]
+        if reentrant:
+            # As the strategy does: the embeddings' output requires grad, so blocks above frozen ones still train.
+            model.enable_input_require_grads()  # type: ignore[operator]
+    elif was_checkpointing:
+        model.gradient_checkpointing_disable()  # type: ignore[operator]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        if checkpointing == "reentrant":
+            model.disable_input_require_grads()  # type: ignore[operator]
+        if checkpointing and not was_checkpointing:
+            model.gradient_checkpointing_disable()  # type: ignore[operator]
+        elif was_checkpointing and not checkpointing:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
