@@ -204,15 +204,17 @@ class MasterWeights:
         for master in self.masters(block):
             master.grad = None
 
+    def _in_order(self) -> list[nn.Parameter]:
+        """Every master, block by block: the order of a checkpoint's ``masters`` list and of :meth:`snapshot`."""
+        return [m for block in self.blocks for m in self.masters(block)]
+
     def state_dict(self) -> dict[str, Any]:
         """The masters and the loss scale. Sharded masters (FSDP2) are gathered whole for a consolidated checkpoint,
         and kept on process 0 only (the others return an empty dict, as Lightning's full state dicts do), or kept
         as this process's shards for a sharded checkpoint (``gather=False``)."""
         self.transfer.synchronize()
         masters: list[Tensor | None] = [
-            gather_to_first(m.detach(), self.device) if self.gather else m.detach()
-            for block in self.blocks
-            for m in self.masters(block)
+            gather_to_first(m.detach(), self.device) if self.gather else m.detach() for m in self._in_order()
         ]
         if any(m is None for m in masters):
             return {}
@@ -221,18 +223,18 @@ class MasterWeights:
     def snapshot(self) -> list[Tensor]:
         """A copy of this process's masters (its shards, under FSDP2), for :meth:`restore`."""
         self.transfer.synchronize()
-        return [local(m).detach().clone() for block in self.blocks for m in self.masters(block)]
+        return [local(m).detach().clone() for m in self._in_order()]
 
     def restore(self, snapshot: list[Tensor]) -> None:
         """Put back the masters :meth:`snapshot` copied (after a tuner's trials changed them)."""
         self.transfer.discard("master")
         with torch.no_grad():
-            for m, saved in zip([m for block in self.blocks for m in self.masters(block)], snapshot, strict=True):
+            for m, saved in zip(self._in_order(), snapshot, strict=True):
                 local(m).copy_(saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["masters"]
-        mine = [m for block in self.blocks for m in self.masters(block)]
+        mine = self._in_order()
         if len(saved) != len(mine) or any(s.shape != m.shape for s, m in zip(saved, mine, strict=False)):
             raise ValueError("The checkpoint's fp32 master weights do not match this model's blocks.")
         self.transfer.discard("master")
