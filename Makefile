@@ -37,7 +37,7 @@ lint: install
 # The core tests drive a Trainer; they run again on the older `pytorch_lightning` package (tests/helpers/lightning.py).
 CORE_TESTS := tests/test_strategy.py tests/test_resume.py tests/test_precision.py tests/test_faults.py \
 	tests/test_bad_input.py tests/test_memory.py tests/test_features.py tests/test_drop_in.py tests/test_lr.py \
-	tests/test_closure_calls.py
+	tests/test_closure_calls.py tests/test_budget.py
 
 # The edit-test loop: unit tests and doctests on tiny models (under a minute on 2 cores).
 test-fast: install

@@ -47,6 +47,7 @@ class HiFTCallbackBase(_Callback):
         self._masters: MasterWeights | None = None
         self._final_masters: dict[str, Any] | None = None
         self._optimizer_state_mode = ""
+        self._layers_per_block: int | str = 0
 
     @staticmethod
     def _strategy(trainer: pl.Trainer) -> HiFTStrategyBase:
@@ -82,6 +83,7 @@ class HiFTCallbackBase(_Callback):
         self.delayed_lr = DelayedLR("step" if tuning else strategy.lr_update)
         self._masters = strategy.masters
         self._optimizer_state_mode = strategy.optimizer_state_mode
+        self._layers_per_block = strategy.layers_per_block
         self.steps = 0
         if not tuning:
             strategy.end_tuning()
@@ -95,8 +97,20 @@ class HiFTCallbackBase(_Callback):
         strategy.activate(self.order.current())
         strategy.prefetch(self.order.block_at(self.order.position + 1))
 
+    def saved_layers_per_block(self) -> int | None:
+        """The block size of the checkpoint being resumed, when its state is loaded already (not under hift_fsdp,
+        which loads checkpoints after setup) and says it."""
+        return None if self._loaded is None else self._loaded.get("layers_per_block")
+
     def _resume(self, strategy: HiFTStrategyBase, state: dict[str, Any]) -> None:
         assert self.order is not None and self.delayed_lr is not None
+        saved_size = state.get("layers_per_block")
+        if saved_size is not None and saved_size != strategy.layers_per_block:
+            raise HiFTConfigError(
+                f"The checkpoint was written with layers_per_block={saved_size}, this run cuts blocks of"
+                f" {strategy.layers_per_block} units: its schedule and state would not match. Resume with"
+                f" layers_per_block={saved_size}."
+            )
         self.steps = int(state["steps"])
         self.order.load_state_dict(state["order"])
         self.delayed_lr.load_state_dict(state["lr"])
@@ -173,6 +187,7 @@ class HiFTCallbackBase(_Callback):
             "order": self.order.state_dict(),
             "lr": self.delayed_lr.state_dict(),
             "optimizer_state": self._optimizer_state_mode,
+            "layers_per_block": self._layers_per_block,
         }
         masters = self._masters
         if masters is not None:

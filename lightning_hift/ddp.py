@@ -190,7 +190,7 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
 
     def __init__(
         self,
-        layers_per_block: int = 1,
+        layers_per_block: int | Literal["auto"] = 1,
         order: OrderName = "bottom2up",
         seed: int = 0,
         switch_every: int = 1,
@@ -200,6 +200,7 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
         lr_scale: lr.LRScale = "blocks",
+        memory_budget: int | str | None = None,
         *,
         bucket_cap_mb: float = 25.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -224,6 +225,7 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
             frozen=frozen,
             on_nonfinite=on_nonfinite,
             lr_scale=lr_scale,
+            memory_budget=memory_budget,
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,

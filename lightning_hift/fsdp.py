@@ -75,10 +75,11 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
     """
 
     strategy_name = "hift_fsdp"
+    _shards_weights = True
 
     def __init__(
         self,
-        layers_per_block: int = 1,
+        layers_per_block: int | Literal["auto"] = 1,
         order: OrderName = "bottom2up",
         seed: int = 0,
         switch_every: int = 1,
@@ -88,6 +89,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
         lr_scale: lr.LRScale = "blocks",
+        memory_budget: int | str | None = None,
         *,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         save_distributed_checkpoint: bool = False,
@@ -109,6 +111,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             frozen=frozen,
             on_nonfinite=on_nonfinite,
             lr_scale=lr_scale,
+            memory_budget=memory_budget,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -130,6 +133,16 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    @override
+    def _check_plannable(self) -> None:
+        assert self.model is not None
+        if _is_sharded(self.model):
+            raise HiFTConfigError(
+                "layers_per_block='auto' and memory_budget trace the model before hift_fsdp shards it, but"
+                " configure_model has sharded it already. Let hift_fsdp shard it (remove fully_shard from"
+                " configure_model), or give a fixed layers_per_block and no memory_budget."
+            )
 
     @override
     def _prepare_model(self) -> None:

@@ -74,6 +74,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
     ("torch.distributed.tensor.DTensor", "_local_tensor", "sharded state and masters rest in host memory"),
     ("torch.distributed.tensor.DTensor", "_spec", "a host shard is wrapped without a copy to the device"),
     ("torch.nn.Module (compiled)", "_torchdynamo_orig_callable", "a compiled call is run eagerly for the fit"),
+    ("{pl}.loops.FitLoop", "_data_source", "layers_per_block='auto' asks it for the training loaders to read a batch"),
     ("transformers.PreTrainedModel", "_require_grads_hook", "HF gradient checkpointing's input hook is taken over"),
 )
 """``(owner, attribute, why)`` of every private instance attribute the package reads, through

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -28,6 +28,17 @@ from lightning_hift.blocks import Block, check_frozen, partition
 from lightning_hift.checkpointing import CheckpointInputs
 from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.memory.budget import (
+    ASSUMED_STATE_BYTES,
+    BlockSizePlanner,
+    default_budget,
+    first_batch,
+    parse_budget,
+    refusal,
+    size,
+    state_bytes_per_element,
+)
+from lightning_hift.memory.plan import ACTIVATIONS, MemoryBreakdown
 from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement, copy_whole, local, rewrap
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes, private_attribute
@@ -81,14 +92,25 @@ class HiFTStrategyBase(_Strategy):
             schedulers, checkpoints and ``LearningRateMonitor`` keep the configured rates; only the update uses
             the scaled ones. Param groups whose optimizer sizes its own steps (``lr=None``, Adafactor's
             ``relative_step=True``) are left as they are, with a warning.
+        memory_budget: device bytes one process may use, as a number or a size such as ``"20GiB"``. With
+            ``layers_per_block="auto"`` the largest block size whose predicted peak fits is chosen at setup from the
+            first training batch (:mod:`lightning_hift.memory.budget`; on CUDA the default budget is the device's
+            memory less 10%); with a number, the run stops before the first step if that block size does not fit.
+
+    ``layers_per_block="auto"`` reads the shape of the first training batch and traces the module's
+    ``training_step`` on fake tensors; a resumed run keeps the block size of the run that wrote the checkpoint.
     """
+
+    _shards_weights: ClassVar[bool] = False
+    """Whether the weights and optimizer state are split among the processes (the planner then traces before
+    sharding)."""
 
     callback_class: ClassVar[type[HiFTCallbackBase]]
     """The HiFT callback of the strategy's Lightning package, added to the Trainer when it has none."""
 
     def __init__(
         self,
-        layers_per_block: int = 1,
+        layers_per_block: int | Literal["auto"] = 1,
         order: OrderName = "bottom2up",
         seed: int = 0,
         switch_every: int = 1,
@@ -98,9 +120,11 @@ class HiFTStrategyBase(_Strategy):
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
         lr_scale: lr.LRScale = "blocks",
+        memory_budget: int | str | None = None,
         **strategy_kwargs: Any,
     ) -> None:
-        _check_positive_int("layers_per_block", layers_per_block)
+        if layers_per_block != "auto":
+            _check_positive_int("layers_per_block", layers_per_block, "or 'auto'")
         _check_positive_int("switch_every", switch_every)
         orders.check_order_name(order)
         optim_state.check_mode(optimizer_state)
@@ -111,8 +135,16 @@ class HiFTStrategyBase(_Strategy):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise HiFTConfigError(f"seed must be a whole number, got seed={seed!r}.")
         lr.check_scale(lr_scale)
+        budget = parse_budget(memory_budget)
         super().__init__(**strategy_kwargs)
-        self.layers_per_block = layers_per_block
+        self.auto_block_size = layers_per_block == "auto"
+        self.layers_per_block: int | Literal["auto"] = layers_per_block
+        """The block size: ``"auto"`` until a fit has set up, then the chosen whole number."""
+        self.memory_budget = budget
+        """Device bytes the run may use per process (``memory_budget``), or None."""
+        self.memory_estimate: MemoryBreakdown | None = None
+        """With ``"auto"`` or a ``memory_budget``, after setup: the predicted device bytes per process the block size
+        was chosen (or checked) by."""
         self.order = order
         self.seed = seed
         self.switch_every = switch_every
@@ -191,6 +223,7 @@ class HiFTStrategyBase(_Strategy):
         assert self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == "fit"
+        planner = self._block_size_planner(trainer) if fitting else None
         self._prepare_model()
         # The fp32 values the half-precision conversion is about to round (a user's fp32 model, or a full-precision
         # checkpoint being resumed): the masters start from them.
@@ -202,6 +235,8 @@ class HiFTStrategyBase(_Strategy):
             self._check_automatic_optimization()
             self.setup_optimizers(trainer)
             _check_optimizer(self.optimizers)
+            if planner is not None:
+                self._choose_block_size(planner)
             self._setup_blocks()
             self._check_rates()
             self._check_same_settings()
@@ -219,6 +254,104 @@ class HiFTStrategyBase(_Strategy):
                 keys=self.masters.masters if self.masters is not None else None,
                 transfer=transfer,
             )
+
+    def _block_size_planner(self, trainer: pl.Trainer) -> BlockSizePlanner | None:
+        """With ``"auto"`` or a budget: read the first training batch and set up the planner (tracing now what a
+        sharded model could not trace later)."""
+        if not self.auto_block_size and self.memory_budget is None:
+            return None
+        module = self.lightning_module
+        assert module is not None and self.callback is not None
+        self._check_automatic_optimization()
+        saved = self.callback.saved_layers_per_block()
+        if self.auto_block_size:
+            self.layers_per_block = "auto" if saved is None else saved  # a resumed run keeps its block size
+        self._check_plannable()
+        # The loaders as the fit will ask for them; the fit's own are made later, by Lightning, as always.
+        loaders = None
+        if trainer.limit_train_batches != 0:
+            loaders = private_attribute(trainer.fit_loop, "_data_source").dataloader()
+        if loaders is None:
+            raise HiFTConfigError(
+                f"layers_per_block='auto' and memory_budget plan from the first training batch, but this fit has"
+                f" none (limit_train_batches={trainer.limit_train_batches}). Give a fixed layers_per_block and no"
+                " memory_budget."
+            )
+        batch = self.precision_plugin.convert_input(first_batch(loaders, self.root_device))
+        batch = module.on_before_batch_transfer(batch, 0)
+        half = private_attribute(self.precision_plugin, "_desired_input_dtype") if self._converts_to_half() else None
+        world_size = getattr(self, "world_size", 1)
+        planner = BlockSizePlanner(
+            module,
+            batch,
+            self.root_device,
+            half,
+            self.precision_plugin.train_step_context,
+            self.layers,
+            self.frozen,
+            world_size,
+            self._shards_weights,
+        )
+        if self._shards_weights:  # the weights are about to be split: trace every block size the model state allows
+            budget = self._budget()
+            fixed = self.layers_per_block
+            sizes = [fixed] if isinstance(fixed, int) else planner.candidates
+            within = [
+                m for m in sizes if planner.device_bytes(m, 0.0, self.optimizer_state_mode).total("device") <= budget
+            ]
+            planner.trace([block for m in within for block in planner.blocks[m]])
+        return planner
+
+    def _budget(self) -> int:
+        return self.memory_budget if self.memory_budget is not None else default_budget(self.root_device)
+
+    def _check_plannable(self) -> None:
+        """Refuse a model the planner cannot trace; every model can be traced on one device or under DDP."""
+
+    def _choose_block_size(self, planner: BlockSizePlanner) -> None:
+        assert self.lightning_module is not None
+        budget, mode = self._budget(), self.optimizer_state_mode
+        masters = self._converts_to_half()
+        trained = next((p for p in self.lightning_module.parameters() if p.requires_grad), None)
+        dtype = torch.float32 if masters or trained is None else trained.dtype
+        state = state_bytes_per_element(self.optimizers[0], dtype, self.root_device)
+        if state is None:
+            rank_zero_warn(
+                f"HiFT: {type(self.optimizers[0]).__name__} could not be probed for the size of its state; the"
+                f" memory plan assumes {ASSUMED_STATE_BYTES:g} bytes per trained element (AdamW in fp32)."
+            )
+            state = ASSUMED_STATE_BYTES
+        fixed = self.layers_per_block if isinstance(self.layers_per_block, int) else None
+        candidates = None if fixed is None else [fixed]
+        choice = planner.choose(budget, state, mode, candidates, traced_only=self._shards_weights)
+        # Every process must cut the same blocks: the smallest choice wins (0: one of them has none that fits).
+        mine = choice.layers_per_block if choice is not None else 0
+        chosen = min(self.all_gather(torch.tensor([mine], device=self.root_device)).flatten().tolist())
+        if chosen == 0:
+            m = fixed or 1
+            estimate = planner.estimate(m, state, mode) if planner.traced(m) else planner.device_bytes(m, state, mode)
+            message = refusal(
+                m,
+                fixed is None,
+                estimate,
+                budget,
+                masters,
+                self._shards_weights,
+                _checkpointing(self.lightning_module),
+            )
+            if not (self.auto_block_size and fixed is not None):
+                raise HiFTConfigError(message)
+            rank_zero_warn(f"HiFT: resuming with the checkpoint's block size, although {message}")
+            chosen = fixed
+        self.layers_per_block = int(chosen)
+        estimate = choice.estimate if choice is not None and chosen == mine else planner.estimate(chosen, state, mode)
+        self.memory_estimate = estimate
+        figures = choice.summary() if choice is not None else ""
+        rank_zero_info(
+            f"HiFT: layers_per_block={chosen} ({'chosen' if fixed is None else 'checked'} for a budget of"
+            f" {size(budget)} per device; predicted {size(estimate.total('device'))}, of which activations"
+            f" {size(estimate.get(ACTIVATIONS, 'device'))}). Per block size: {figures}."
+        )
 
     def _prepare_model(self) -> None:
         """Check or reshape the model before anything else sets up (sharding, for one); nothing to do on one device."""
@@ -287,6 +420,7 @@ class HiFTStrategyBase(_Strategy):
         module = self.lightning_module
         assert module is not None
         # Lightning allows a single optimizer under automatic optimization, which HiFT requires.
+        assert isinstance(self.layers_per_block, int), "the block size is chosen before the blocks are cut"
         blocks = partition(module, self.layers_per_block, layers=self.layers, frozen=self.frozen)
         self.blocks = _only_optimized(blocks, self.optimizers[0])
         self.checkpoint_inputs.start(module, self.blocks)
@@ -591,7 +725,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
 
     def __init__(
         self,
-        layers_per_block: int = 1,
+        layers_per_block: int | Literal["auto"] = 1,
         order: OrderName = "bottom2up",
         seed: int = 0,
         switch_every: int = 1,
@@ -601,6 +735,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
         frozen: Sequence[str] | None = (),
         on_nonfinite: OnNonfinite = "skip",
         lr_scale: lr.LRScale = "blocks",
+        memory_budget: int | str | None = None,
         *,
         device: _DEVICE | None = None,
         accelerator: Accelerator | None = None,
@@ -618,6 +753,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
             frozen=frozen,
             on_nonfinite=on_nonfinite,
             lr_scale=lr_scale,
+            memory_budget=memory_budget,
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,
@@ -680,9 +816,15 @@ def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:
     }
 
 
-def _check_positive_int(name: str, value: object) -> None:
+def _check_positive_int(name: str, value: object, alternative: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HiFTConfigError(f"{name} must be a whole number >= 1, got {name}={value!r}.")
+        alternative = f" {alternative}" if alternative else ""
+        raise HiFTConfigError(f"{name} must be a whole number >= 1{alternative}, got {name}={value!r}.")
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    """Whether any submodule checkpoints its activations (Hugging Face's flag)."""
+    return any(getattr(sub, "gradient_checkpointing", False) is True for sub in module.modules())
 
 
 def _check_optimizer(optimizers: Sequence[Optimizer]) -> None:

@@ -97,6 +97,9 @@ PROBES: dict[str, Any] = {
         module.rpartition(".")[0]
     ).HalfPrecision("16-true"),
     "torch.distributed.tensor.DTensor": lambda module, tmp_path: _dtensor(tmp_path),
+    "{pl}.loops.FitLoop": lambda module, tmp_path: (
+        importlib.import_module(module.partition(".loops")[0]).Trainer(logger=False).fit_loop
+    ),
     "torch.nn.Module (compiled)": lambda module, tmp_path: torch.compile(torch.nn.Linear(2, 2).forward),
     "transformers.PreTrainedModel": lambda module, tmp_path: _prepared_for_checkpointing(),
 }

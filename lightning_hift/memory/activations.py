@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 """Precisions that keep fp32 weights and run the forward under autocast (CPU autocast's op lists)."""
 CHECKPOINTING = (False, True, "reentrant")
 """``gradient_checkpointing``: off, Hugging Face's non-reentrant checkpointing, or its reentrant one."""
+
+MEASURE_INSTEAD = "measure a small real model with measure_saved_bytes instead"
 
 Batch = Mapping[str, Tensor] | tuple[Tensor, ...]
 LossFn = Callable[[Any, Any], Tensor]
@@ -95,8 +97,19 @@ def activation_bytes(
     for group in sets:
         if any(id(p) not in names for p in group):
             raise HiFTConfigError("activation_bytes: a trainable set holds a tensor that is not a parameter of model.")
-    with _training(model, gradient_checkpointing), _fake_tensors():
-        return [_traced(model, batch, {names[id(p)] for p in group}, precision, loss_fn) for group in sets]
+    dtype = HALF.get(precision)
+    autocast = AUTOCAST.get(precision)
+
+    def step(state: Mapping[str, Tensor]) -> Tensor:
+        inputs = _fake_batch(batch, dtype)
+        return _loss(_call(model, inputs, dict(state)), inputs, loss_fn)
+
+    def context() -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+
+    trains = [{names[id(p)] for p in group} for group in sets]
+    with _training(model, gradient_checkpointing):
+        return saved_bytes_per_set(model, step, trains, dtype, context=context)
 
 
 def measure_saved_bytes(
@@ -106,19 +119,51 @@ def measure_saved_bytes(
     training mode and checkpointing), on real tensors: the figure :func:`activation_bytes` predicts. ``precision``
     only chooses autocast (``*-mixed``); convert a half-precision model and its inputs yourself."""
     own = [*model.parameters(), *model.buffers()]
-    return _saved_bytes(lambda: _call(model, batch), own, precision, loss_fn, batch)
+    autocast = AUTOCAST.get(precision)
+    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        return _saved_bytes(lambda: _loss(_call(model, batch), batch, loss_fn), own)
 
 
-def _traced(model: nn.Module, batch: Batch, trains: set[str], precision: str, loss_fn: LossFn | None) -> int:
-    dtype = HALF.get(precision)
-    state = {name: _fake(t, dtype).requires_grad_(name in trains) for name, t in model.named_parameters()}
-    state |= {name: _fake(t, dtype) for name, t in model.named_buffers()}
-    inputs: Batch
-    if isinstance(batch, Mapping):
-        inputs = {key: _fake(value, dtype) for key, value in batch.items()}
-    else:
-        inputs = tuple(_fake(value, dtype) for value in batch)
-    return _saved_bytes(lambda: _call(model, inputs, state), list(state.values()), precision, loss_fn, inputs)
+def saved_bytes_per_set(
+    model: nn.Module,
+    step: Callable[[Mapping[str, Tensor]], Any],
+    trainable: Sequence[Iterable[str]],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    around: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+    traced: str = "The model's forward",
+    instead: str = MEASURE_INSTEAD,
+) -> list[int]:
+    """The bytes autograd saves in ``step`` for each set of trainable parameter names, traced on fake tensors.
+
+    The building block of :func:`activation_bytes` and of ``layers_per_block="auto"``, for callers with their own
+    training step.
+
+    Args:
+        model: the module whose parameters and buffers ``step`` uses (a meta-device model will do).
+        step: ``step(state) -> loss``: one training forward with ``state`` (name -> fake tensor) in place of the
+            model's parameters and buffers (:func:`torch.func.functional_call`); it makes its inputs with
+            :func:`fake_like`, as it runs inside the fake mode.
+        trainable: per trace, the names of the parameters that require grad.
+        dtype: the floating dtype of the fake parameters and buffers (None: each tensor's own).
+        device: where the fake tensors claim to be (nothing is allocated there).
+        context: entered around each trace (autocast, a precision plugin's training-step context).
+        around: ``around(i)`` entered around the ``i``-th trace (hooks that depend on what trains).
+        traced, instead: what runs and what to do instead, for the message when the trace fails.
+
+    Returns:
+        One byte count per set: the distinct storages saved for backward, the parameters' and buffers' excluded.
+    """
+    figures = []
+    with _fake_tensors(traced, instead):
+        for i, names in enumerate(trainable):
+            trains = set(names)
+            state = {n: fake_like(t, dtype, device).requires_grad_(n in trains) for n, t in model.named_parameters()}
+            state |= {name: fake_like(t, dtype, device) for name, t in model.named_buffers()}
+            with around(i) if around is not None else contextlib.nullcontext(), context():
+                figures.append(_saved_bytes(lambda: step(state), list(state.values())))  # noqa: B023 (called at once)
+    return figures
 
 
 def _call(model: nn.Module, batch: Batch, state: dict[str, Tensor] | None = None) -> Any:
@@ -128,9 +173,7 @@ def _call(model: nn.Module, batch: Batch, state: dict[str, Tensor] | None = None
     return torch.func.functional_call(model, state, args, kwargs, strict=False)
 
 
-def _saved_bytes(
-    run: Callable[[], Any], own: list[Tensor], precision: str, loss_fn: LossFn | None, batch: Batch
-) -> int:
+def _saved_bytes(run: Callable[[], Any], own: list[Tensor]) -> int:
     excluded = {StorageWeakRef(t.untyped_storage()) for t in own}
     saved: dict[StorageWeakRef, int] = {}
 
@@ -139,18 +182,26 @@ def _saved_bytes(
         saved.setdefault(StorageWeakRef(storage), storage.nbytes())
         return tensor
 
-    autocast = AUTOCAST.get(precision)
-    cast = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), cast:
-        _loss(run(), batch, loss_fn)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
     return sum(nbytes for ref, nbytes in saved.items() if ref not in excluded)
 
 
-def _fake(value: Any, half: torch.dtype | None) -> Any:
+def fake_like(value: Any, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Any:
+    """Inside the fake mode of :func:`saved_bytes_per_set`: a tensor with ``value``'s shape, and ``dtype`` if it is
+    floating (else its own), on ``device`` (else its own, meta taken as the CPU); anything else as it is."""
     if not isinstance(value, Tensor):
         return value
-    dtype = half if half is not None and value.is_floating_point() else value.dtype
-    return torch.empty(value.shape, dtype=dtype, device="cpu")  # inside the fake mode: shape and dtype, no data
+    dtype = dtype if dtype is not None and value.is_floating_point() else value.dtype
+    if device is None:
+        device = "cpu" if value.device.type == "meta" else value.device
+    return torch.empty(value.shape, dtype=dtype, device=device)  # shape and dtype, no data
+
+
+def _fake_batch(batch: Batch, dtype: torch.dtype | None) -> Batch:
+    if isinstance(batch, Mapping):
+        return {key: fake_like(value, dtype, "cpu") for key, value in batch.items()}
+    return tuple(fake_like(value, dtype, "cpu") for value in batch)
 
 
 def _loss(output: Any, batch: Any, loss_fn: LossFn | None) -> Tensor:
@@ -176,19 +227,19 @@ def _values(output: Any) -> Iterable[Any]:
 
 
 @contextlib.contextmanager
-def _fake_tensors() -> Iterator[None]:
+def _fake_tensors(traced: str = "The model's forward", instead: str = MEASURE_INSTEAD) -> Iterator[None]:
     fake_mode = private("torch._subclasses.fake_tensor", "FakeTensorMode")
     try:
-        with fake_mode():
+        # Real tensors the step meets (a tensor attribute that is no buffer) become fake copies: never written to.
+        with fake_mode(allow_non_fake_inputs=True):
             yield
     except HiFTConfigError:
         raise
     except Exception as err:  # an op that reads values (a data-dependent shape, .item()) cannot run without data
         raise HiFTConfigError(
-            f"The model's forward failed while traced on fake tensors ({type(err).__name__}: {err}). If the"
-            " error is about the model or its inputs, fix those; if the forward reads values (a data-dependent"
-            " shape, .item()), it cannot be traced without data: measure a small real model with"
-            " measure_saved_bytes instead."
+            f"{traced} failed while traced on fake tensors ({type(err).__name__}: {err}). If the error is about"
+            " the model or its inputs, fix those; if it reads values (a data-dependent shape, .item()), it cannot"
+            f" be traced without data: {instead}."
         ) from err
 
 

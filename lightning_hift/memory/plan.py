@@ -197,8 +197,6 @@ def _estimate(
     trainable = sum(block.numel() for block in blocks)
     sizes = sorted((block.numel() for block in blocks), reverse=True)
     largest = sizes[0]
-    # The next block, on the device ahead of its turn: the active block and the next are two different blocks.
-    following = sizes[1] if prefetch and len(sizes) > 1 else 0
     state = 4 * STATE_TENSORS_PER_PARAM[optimizer]
     fpft, hift = MemoryBreakdown(), MemoryBreakdown()
     half = precision in ("bf16-true", "16-true", "mixed")
@@ -211,20 +209,60 @@ def _estimate(
         # on the device) and steps them with fp32 grads.
         fpft.add("grads", "device", 2 * trainable)
         fpft.add("optimizer_state", "device", state // 2 * trainable)
-        hift.add("masters", "device", 4 * (largest + following))
-        hift.add("masters", "host", 4 * (trainable - largest))
     else:
         fpft.add("grads", "device", 4 * trainable)
         fpft.add("optimizer_state", "device", state * trainable)
         if precision == "mixed":
             fpft.add("masters", "device", 4 * trainable)
             hift.add("masters", "device", 4 * trainable)
-    hift.add("grads", "device", 4 * largest)
-    hift.add("optimizer_state", "device", state * (trainable if optimizer_state == "keep" else largest))
-    if optimizer_state == "offload":
-        hift.add("optimizer_state", "device", state * following)
-        hift.add("optimizer_state", "host", state * (trainable - largest))
+    masters = precision in ("bf16-true", "16-true")
+    hift_model_state(hift, sizes, 4, state, optimizer_state, prefetch, masters)
     return MemoryEstimate(total, trainable, largest, len(blocks), precision, optimizer, fpft, hift)
+
+
+def hift_model_state(
+    into: MemoryBreakdown,
+    block_sizes: list[int],
+    grad_bytes: int,
+    state_bytes: int,
+    optimizer_state: str,
+    prefetch: bool,
+    masters: bool,
+) -> None:
+    """Add HiFT's gradients, optimizer state and fp32 masters to ``into``: one device, the largest block active.
+
+    Args:
+        into: the breakdown to add to (weights and masters are the caller's, as they depend on the precision).
+        block_sizes: elements per block, largest first.
+        grad_bytes: bytes per element of the active block's gradients.
+        state_bytes: optimizer-state bytes per element (8 for AdamW in fp32).
+        optimizer_state: "offload", "reset" or "keep".
+        prefetch: the next block's offloaded state is brought to the device while the current one trains.
+        masters: half weights stepped through fp32 masters (``bf16-true``, ``16-true``): the active block's on the
+            device (and the next's, with ``prefetch``), the others' on the host.
+    """
+    largest, trainable = block_sizes[0], sum(block_sizes)
+    # The next block, on the device ahead of its turn: the active block and the next are two different blocks.
+    following = block_sizes[1] if prefetch and len(block_sizes) > 1 else 0
+    into.add("grads", "device", grad_bytes * largest)
+    into.add("optimizer_state", "device", state_bytes * (trainable if optimizer_state == "keep" else largest))
+    if optimizer_state == "offload":
+        into.add("optimizer_state", "device", state_bytes * following)
+        into.add("optimizer_state", "host", state_bytes * (trainable - largest))
+    if masters:
+        into.add("masters", "device", 4 * (largest + following))
+        into.add("masters", "host", 4 * (trainable - largest))
+
+
+def per_process(one: MemoryBreakdown, world_size: int, gathered: int) -> MemoryBreakdown:
+    """What one of ``world_size`` FSDP processes holds of the one-device breakdown ``one``: every kind split N ways
+    but activations (each process's own), plus the ``gathered`` bytes of one unit held whole for a moment."""
+    split = MemoryBreakdown(pinned=_ceil_div(one.pinned, world_size))
+    for (kind, place), nbytes in one.bytes.items():
+        split.add(kind, place, nbytes if kind == ACTIVATIONS else _ceil_div(nbytes, world_size))
+    if world_size > 1:
+        split.add("gathered", "device", gathered)
+    return split
 
 
 def _as_model(model_or_config: nn.Module | Any) -> nn.Module:
@@ -354,21 +392,10 @@ def estimate_per_rank(
     unit = max(sum(params[name].numel() for name in u.param_names) for u in find_units(model, layers))
     weight_bytes = 2 if precision in ("bf16-true", "16-true", "mixed") else 4
     grad_bytes = 2 if precision in ("bf16-true", "16-true") else 4
-    sharded_hift = precision in SHARDED_PRECISIONS
-    ranks = {"fsdp": MemoryBreakdown(), "hift_ddp": MemoryBreakdown()}
-    if sharded_hift:
-        ranks["hift_fsdp"] = MemoryBreakdown()
-    split = {kind: 1 if kind == ACTIVATIONS else world_size for kind in (*KINDS, ACTIVATIONS)}
-    for (kind, place), nbytes in one.fpft.bytes.items():
-        ranks["fsdp"].add(kind, place, _ceil_div(nbytes, split[kind]))
-    for (kind, place), nbytes in one.hift.bytes.items():
-        ranks["hift_ddp"].add(kind, place, nbytes)
-        if sharded_hift:
-            ranks["hift_fsdp"].add(kind, place, _ceil_div(nbytes, split[kind]))
-    if world_size > 1:
-        for name in ("fsdp", "hift_fsdp"):
-            if name in ranks:
-                ranks[name].add("gathered", "device", (weight_bytes + grad_bytes) * unit)
+    gathered = (weight_bytes + grad_bytes) * unit
+    ranks = {"fsdp": per_process(one.fpft, world_size, gathered), "hift_ddp": one.hift}
+    if precision in SHARDED_PRECISIONS:
+        ranks["hift_fsdp"] = per_process(one.hift, world_size, gathered)
     return PerRankEstimate(world_size, one, unit, ranks)
 
 
