@@ -406,3 +406,9 @@ def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> No
     assert hift_fsdp["bytes_per_step"] == pytest.approx(hift["bytes_per_step"], rel=0.01)
     assert 0 < hift_fsdp["gathered_bytes_per_step"] <= fsdp["gathered_bytes_per_step"]
     assert "| hift_ddp_m1 | 2 x 1 |" in (tmp_path / "ddp.md").read_text()
+
+
+def test_auto_chooses_one_block_size_for_every_process(tmp_path: Path) -> None:
+    reports = fit_two_processes(tmp_path, 3, layers_per_block="auto", memory_budget="1GiB")
+    assert [r["layers_per_block"] for r in reports] == [6, 6]  # the whole model fits: one block of six units
+    assert [len({b["block"] for b in r["batches"]}) for r in reports] == [1, 1]

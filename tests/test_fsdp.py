@@ -360,3 +360,20 @@ def test_a_module_wrapped_in_fsdp1_is_refused() -> None:
     module.net.layers[0] = wrapped
     with pytest.raises(HiFTConfigError, match=r"FullyShardedDataParallel` \(FSDP1\). Remove that wrapping"):
         _refuse_unsupported(module, Trainer().strategy.precision_plugin)
+
+
+def test_auto_plans_each_process_share_before_sharding_and_the_processes_agree(tmp_path: Path) -> None:
+    """The trace runs on the whole model before FSDP2 splits it; the estimate is per process: weights, gradients and
+    state split two ways, activations each process's own, one unit gathered whole."""
+    reports = fit_sharded(tmp_path, 6, layers_per_block="auto", memory_budget="1GiB")
+    units = 6
+    assert [r["layers_per_block"] for r in reports] == [units, units]
+    estimate = reports[0]["memory_estimate"]
+    assert estimate == reports[1]["memory_estimate"]
+    planned = estimate_per_rank(ShardedTinyModule(), WORLD, layers_per_block=units, prefetch=False)
+    for kind in ("params", "grads", "optimizer_state", "gathered"):
+        assert estimate[(kind, "device")] == planned.ranks["hift_fsdp"].get(kind, "device"), kind
+    held = reports[0]["batches"][0]["memory"]
+    assert held["params_device"] == estimate[("params", "device")]
+    assert held["grads_device"] == estimate[("grads", "device")]
+    assert estimate[("activations", "device")] > 0

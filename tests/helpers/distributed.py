@@ -103,6 +103,7 @@ class RankReport(Callback):
             "params": {name: p.detach().clone() for name, p in pl_module.named_parameters()},
             "batches": self.batches,
             "bytes_reduced": trainer.strategy.bytes_reduced,  # type: ignore[attr-defined]
+            "layers_per_block": trainer.strategy.layers_per_block,  # type: ignore[attr-defined]
         }
         torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
@@ -196,6 +197,8 @@ class ShardReport(Callback):
             "batches": self.batches,
             "skipped": skipped,
             "checkpoint_bytes": held,
+            "layers_per_block": strategy.layers_per_block,
+            "memory_estimate": None if strategy.memory_estimate is None else dict(strategy.memory_estimate.bytes),
         }
         torch.save(report, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
