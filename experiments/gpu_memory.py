@@ -7,8 +7,9 @@ For each precision (32-true, bf16-mixed, bf16-true) and method (FPFT with Lightn
 with one layer per block and offloaded optimizer state; ``--methods hift_fsdp`` for HiFT on FSDP2, one process) a
 random-init LLaMA of the chosen shape trains for one whole HiFT cycle (k optimizer steps, k = number of blocks) on
 random tokens with AdamW, and the peak of ``torch.cuda.max_memory_allocated`` over those steps is printed beside
-the planner's model-state estimate (``lightning_hift.estimate_memory``, which leaves activations out) and the
-paper's totals for LLaMA-2-7B. A run that does not fit prints OOM. Each (precision, method) runs in its own
+the planner's estimate (``lightning_hift.estimate_memory``: model state, and the total with the activations it
+traces for the same batch and sequence length) and the paper's totals for LLaMA-2-7B: on a GPU, the measured peak
+checks the whole prediction. A run that does not fit prints OOM. Each (precision, method) runs in its own
 process, and the Markdown table at ``--out`` is rewritten after each, so a run stopped half-way keeps its finished rows.
 """
 
@@ -129,15 +130,17 @@ def write_table(args: argparse.Namespace, planner: Any, rows: list[tuple[Any, ..
         "",
     ]
     cells = []
-    for precision, method, result, planned, paper, seconds in rows:
+    for precision, method, result, planned, total, paper, seconds in rows:
         if "failed" in result:
             measured, host = result["failed"], ""
         else:
             measured = "OOM" if result["peak"] is None else f"{result['peak'] / GIB:.2f}"
             host = f"{result['host_peak'] / GIB:.2f}"
         reported = "" if paper is None else f"{paper:.2f}"
-        cells.append([precision, method, measured, f"{planned / GIB:.2f}", reported, host, f"{seconds:.0f}"])
-    header = ["precision", "method", "measured peak GiB", "planner model states GiB", "paper total GiB"]
+        figures = [f"{total / GIB:.2f}", f"{planned / GIB:.2f}", reported]
+        cells.append([precision, method, measured, *figures, host, f"{seconds:.0f}"])
+    header = ["precision", "method", "measured peak GiB", "planner total GiB", "planner model states GiB"]
+    header.append("paper total GiB")
     table = "\n".join([*lines, *markdown_table([*header, "host peak GiB", "seconds"], cells)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")  # after every row: a long run that stops keeps what it measured
@@ -166,14 +169,16 @@ def main() -> None:
     rows: list[tuple[Any, ...]] = []
     table = ""
     for precision in args.precisions:
-        planner = estimate_memory(meta_model, precision, "adamw")
+        planner = estimate_memory(meta_model, precision, "adamw", batch_size=args.batch_size, seq_len=args.seq_len)
         for method in args.methods:
             started = time.perf_counter()
             result = spawn(args, precision, method, steps=planner.num_blocks)
             # hift_fsdp on one process shards nothing: the planner's HiFT figure (estimate_per_rank at N = 1).
-            planned = (planner.fpft if method == "fpft" else planner.hift).total("device")
+            breakdown = planner.fpft if method == "fpft" else planner.hift
+            total = breakdown.total("device")
+            planned = total - breakdown.get("activations", "device")
             paper = PAPER_7B.get((precision, method)) if args.shape == "7b" else None
-            rows.append((precision, method, result, planned, paper, time.perf_counter() - started))
+            rows.append((precision, method, result, planned, total, paper, time.perf_counter() - started))
             print(rows[-1], flush=True)
             table = write_table(args, planner, rows)
     print(table)
