@@ -186,22 +186,47 @@ def _full(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int,
 def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
     module = task_module(task)(model, hyper, torch.optim.AdamW)
     # Only what the entry sets; everything else is the package's default.
-    settings = {key: cfg[key] for key in ("layers_per_block", "order", "optimizer_state", "lr_scale") if key in cfg}
+    keys = ("layers_per_block", "order", "optimizer_state", "lr_scale", "memory_budget")
+    settings = {key: cfg[key] for key in keys if key in cfg}
     strategy = HiFTStrategy(seed=seed, **settings)
-    blocks = len(partition(model, strategy.layers_per_block))
-    scale = f"{blocks}x" if strategy.lr_scale == "blocks" else f"{strategy.lr_scale}x"
+    facts: dict[str, Any] = {}
+    callbacks: list[Callback] = [HiFTCallback(log_memory=False)]
+    if strategy.auto_block_size:
+        # Chosen at setup; the record gets the choice and the planner's figure.
+        callbacks.append(ChosenBlockSize(facts))
+        blocks_text = f"layers_per_block='auto' at a budget of {cfg['memory_budget']}"
+        scale = "k x"
+    else:
+        blocks = len(partition(model, strategy.layers_per_block))  # type: ignore[arg-type]
+        blocks_text = f"{blocks} blocks of {strategy.layers_per_block} unit(s)"
+        scale = f"{blocks}x" if strategy.lr_scale == "blocks" else f"{strategy.lr_scale}x"
     return MethodRun(
         module,
         strategy,
         # Placed explicitly after the benchmark's own callbacks, so that they measure a step before HiFT switches.
-        callbacks=[HiFTCallback(log_memory=False)],
+        callbacks=callbacks,
         accounting=HiFTAccounting(),
         description=(
-            f"HiFTStrategy with AdamW: {blocks} blocks of {strategy.layers_per_block} unit(s), {strategy.order},"
+            f"HiFTStrategy with AdamW: {blocks_text}, {strategy.order},"
             f" optimizer_state={strategy.optimizer_state_mode}, lr_update={strategy.lr_update},"
             f" lr_scale={strategy.lr_scale!r} (each update at {scale} the rate)"
         ),
+        facts=facts,
     )
+
+
+class ChosenBlockSize(Callback):
+    """Writes the block size ``layers_per_block="auto"`` chose, and the planner's device total, into ``facts``."""
+
+    def __init__(self, facts: dict[str, Any]) -> None:
+        self.facts = facts
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, HiFTStrategy) and strategy.memory_estimate is not None
+        self.facts["layers_per_block"] = strategy.layers_per_block
+        self.facts["blocks"] = len(strategy.blocks)
+        self.facts["planned_device_bytes"] = strategy.memory_estimate.total("device")
 
 
 # BAdam ------------------------------------------------------------------------------------------------------------

@@ -61,14 +61,18 @@ def choose_lr(grid: Sequence[Record], task: str) -> float | None:
 
 
 def label(record: Record) -> str:
-    """A short readable name: ``HiFT (defaults)``, ``HiFT m=2``, ``BAdam K=50``, ``LoRA r=8``."""
+    """A short readable name: ``HiFT (defaults)``, ``HiFT m=2``, ``HiFT auto at 420MiB (chose m=2)``, ``BAdam K=50``,
+    ``LoRA r=8``."""
     cfg = record.get("config", {})
     kind = record.get("kind")
     if kind == "full":
         return "full fine-tuning"
     if kind == "hift":
         changed = [f"{key}={cfg[key]}" for key in ("order", "optimizer_state", "lr_scale") if key in cfg]
-        if "layers_per_block" in cfg:
+        if cfg.get("layers_per_block") == "auto":
+            chosen = record.get("layers_per_block")
+            changed.insert(0, f"auto at {cfg.get('memory_budget')}" + (f" (chose m={chosen})" if chosen else ""))
+        elif "layers_per_block" in cfg:
             changed.insert(0, f"m={cfg['layers_per_block']}")
         return "HiFT " + " ".join(changed) if changed else "HiFT (defaults)"
     if kind == "badam":

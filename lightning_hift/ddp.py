@@ -44,6 +44,7 @@ from lightning_hift.blocks import Block
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.optim_state import OptimizerStateMode
 from lightning_hift.orders import OrderName
+from lightning_hift.packages import private_attribute
 from lightning_hift.precision import MasterWeights
 from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
 from lightning_hift.transfer import Transfer
@@ -240,6 +241,14 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
         self.bytes_reduced = 0
         self._sync_blocked = False
         self._warned_missing_here = False
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if private_attribute(self, "_start_method") == "spawn":
+            from lightning_hift.fsdp import spawn_launcher  # fsdp builds on this module
+
+            self._launcher = spawn_launcher(self)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

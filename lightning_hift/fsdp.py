@@ -19,6 +19,9 @@ FSDP2 cannot shard one parameter in two groups. Every process starts from proces
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import threading
 from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -382,32 +385,67 @@ class GatheringLauncherMixin:
             del module.state_dict
 
 
+class ExitAfterExitHooksMixin:
+    """Mixed into Lightning's launcher for spawned processes: each process, once its work is done and handed back,
+    waits for its non-daemon threads, runs the ``atexit`` hooks and ends there, without the interpreter's final
+    clean-up.
+
+    In that clean-up gloo's worker threads, still held by FSDP2's and DDP's references to the process groups, can be
+    torn down before they are joined, and the process dies with SIGABRT or SIGSEGV after training has finished.
+    Forked processes already end this way (multiprocessing leaves them with ``os._exit``).
+    """
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)  # type: ignore[misc]
+        # Only after success: a failure propagates, and torch reports it to the main process as usual. What a normal
+        # exit does first is done here too: wait for the process's other non-daemon threads, run the atexit hooks.
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        private("atexit", "_run_exitfuncs")()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
+
+
 def gathering_launcher(strategy: Any, start_method: str) -> Any:
     """A launcher for ``strategy`` (a model-parallel strategy of either Lightning package) that starts its processes
     with ``start_method`` (``"spawn"`` or ``"fork"``) and hands the main process the gathered full weights."""
-    return _gathering_launcher(_package_of(strategy))(strategy, start_method=start_method)
+    launcher = _launcher(_package_of(strategy), True, start_method == "spawn")
+    return launcher(strategy, start_method=start_method)
+
+
+def spawn_launcher(strategy: Any) -> Any:
+    """Lightning's launcher for spawned processes, whose processes end without the interpreter's final clean-up
+    (:class:`ExitAfterExitHooksMixin`): ``hift_ddp`` with ``start_method="spawn"``."""
+    return _launcher(_package_of(strategy), False, True)(strategy, start_method="spawn")
 
 
 @functools.cache
-def _gathering_launcher(package: str) -> type:
-    """``package``'s launcher for spawned or forked processes, with :class:`GatheringLauncherMixin`; made when first
-    used, as its base is a private Lightning class."""
+def _launcher(package: str, gather: bool, exit_early: bool) -> type:
+    """``package``'s launcher for spawned or forked processes with the chosen mixins (call it with positional
+    arguments only, so that every caller gets the same class); made when first used, as its
+    base is a private Lightning class."""
     module = f"{package}.strategies.launchers.multiprocessing"
-    private(module, "_MultiProcessingLauncher._collect_rank_zero_results")  # the method the mixin extends
+    private(module, "_MultiProcessingLauncher._collect_rank_zero_results")  # the methods the mixins extend
+    private(module, "_MultiProcessingLauncher._wrapping_function")
     base = private(module, "_MultiProcessingLauncher")
-    name = _launcher_name(package)
-    return type(name, (GatheringLauncherMixin, base), {"__module__": __name__, "__qualname__": name})
+    mixins = (GatheringLauncherMixin,) * gather + (ExitAfterExitHooksMixin,) * exit_early
+    name = _launcher_name(package, gather, exit_early)
+    return type(name, (*mixins, base), {"__module__": __name__, "__qualname__": name})
 
 
-def _launcher_name(package: str) -> str:
-    return "GatheringLauncher_" + package.replace(".", "_")
+def _launcher_name(package: str, gather: bool, exit_early: bool) -> str:
+    return f"Launcher_{package.replace('.', '_')}_{'gather' if gather else 'plain'}_{'exit' if exit_early else 'stay'}"
 
 
 def __getattr__(name: str) -> Any:
     # The launcher travels to spawned processes with the strategy: pickle finds its class here by name.
     for package in ("lightning.pytorch", "pytorch_lightning"):
-        if name == _launcher_name(package):
-            return _gathering_launcher(package)
+        for gather in (True, False):
+            for exit_early in (True, False):
+                if name == _launcher_name(package, gather, exit_early):
+                    return _launcher(package, gather, exit_early)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

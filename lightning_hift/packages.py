@@ -53,6 +53,12 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "_MultiProcessingLauncher._collect_rank_zero_results",
         "hift_fsdp gathers the sharded weights for the main process there",
     ),
+    (
+        "{pl}.strategies.launchers.multiprocessing",
+        "_MultiProcessingLauncher._wrapping_function",
+        "spawned processes end after the atexit hooks, before the interpreter's clean-up",
+    ),
+    ("atexit", "_run_exitfuncs", "the same"),
     ("{fabric}.utilities.init", "_materialize_distributed_module", "hift_fsdp materialises a meta-device model"),
     ("{fabric}.strategies.model_parallel", "_load_raw_module_state", "hift_fsdp loads a consolidated checkpoint"),
     ("torch.distributed.fsdp", "FSDPModule._get_fsdp_state", "FSDP2's one-time set-up, run early (hift_fsdp)"),
@@ -74,6 +80,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
     ("torch.distributed.tensor.DTensor", "_local_tensor", "sharded state and masters rest in host memory"),
     ("torch.distributed.tensor.DTensor", "_spec", "a host shard is wrapped without a copy to the device"),
     ("torch.nn.Module (compiled)", "_torchdynamo_orig_callable", "a compiled call is run eagerly for the fit"),
+    ("{pl}.strategies.DDPStrategy", "_start_method", "hift_ddp's spawned processes get the early-exit launcher"),
     ("{pl}.loops.FitLoop", "_data_source", "layers_per_block='auto' asks it for the training loaders to read a batch"),
     ("transformers.PreTrainedModel", "_require_grads_hook", "HF gradient checkpointing's input hook is taken over"),
 )

@@ -26,7 +26,7 @@ from tests.helpers.tokenizers import word_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 PEERS = {"badam": "badam", "lora": "peft", "galore": "galore_torch", "adalomo": "lomo_optim"}
-CLASSIFIER_METHODS = ["full", "hift", "hift_m2", "lisa", *PEERS]
+CLASSIFIER_METHODS = ["full", "hift", "hift_m2", "hift_auto", "lisa", *PEERS]
 DECODER_METHODS = ["full", "hift"]
 STEPS = 4
 SEEDS = 2
@@ -189,6 +189,14 @@ def test_hift_keeps_less_on_the_device_than_full_fine_tuning(results: Path) -> N
     assert hift["trainable_mean"] < full["trainable_mean"] == full["params"]
     assert hift["host_state_bytes"] > 0  # offloaded: the blocks that wait keep their state in host memory
     assert "lr_scale='blocks'" in hift["description"]
+
+
+def test_hift_auto_records_the_block_size_it_chose_and_the_planned_bytes(results: Path, report: ModuleType) -> None:
+    for run in records(results, "tweets", "hift_auto"):
+        assert run["config"]["layers_per_block"] == "auto"
+        assert isinstance(run["layers_per_block"], int) and run["layers_per_block"] >= 1
+        assert run["blocks"] >= 1 and run["planned_device_bytes"] > 0
+        assert report.label(run).startswith(f"HiFT auto at 420MiB (chose m={run['layers_per_block']})")
 
 
 def test_lisa_trains_embeddings_head_and_two_layers(results: Path) -> None:

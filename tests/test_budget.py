@@ -224,3 +224,33 @@ def test_a_resumed_run_keeps_the_block_size_of_the_checkpoint(tmp_path: Any) -> 
         quiet_trainer(strategy=HiFTStrategy(layers_per_block=3), max_steps=8).fit(
             module(), ckpt_path=tmp_path / "four.ckpt"
         )
+
+
+class WithMetrics(TinyModule):
+    """A torchmetrics metric updated and logged in training_step, another only updated: their updates read values
+    (no fake tensor can), and the trace must leave their state alone."""
+
+    def __init__(self) -> None:
+        super().__init__(num_layers=4)
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.logged = torchmetrics.classification.MulticlassAccuracy(num_classes=4)
+        self.kept = torchmetrics.classification.MulticlassAccuracy(num_classes=4)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        logits = self.net(tokens)
+        self.logged(logits, labels)
+        self.log("acc", self.logged, on_step=False, on_epoch=True)
+        self.kept.update(logits, labels)
+        return nn.functional.cross_entropy(logits, labels)
+
+
+def test_a_training_step_with_metrics_is_traced_and_the_metrics_see_only_the_real_steps() -> None:
+    results = {}
+    for m in (UNITS, "auto"):
+        seed_everything(3)
+        module = WithMetrics()
+        fit(module, HiFTStrategy(layers_per_block=m, memory_budget="1GiB" if m == "auto" else None), max_steps=3)
+        assert module.kept.update_count == 3
+        results[m] = module.kept.compute()
+    assert torch.equal(results[UNITS], results["auto"])

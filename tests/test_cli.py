@@ -243,3 +243,19 @@ def test_lightning_cli_prints_the_hift_arguments_and_trains_from_the_printed_con
     (tmp_path / "hift.yaml").write_text(printed)
     result = run(tmp_path, "cli.py", "fit", "--config=hift.yaml")
     assert_trained_with_hift(report_of(result), package, defined_in, order="top2down")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("package", "class_path", "defined_in"), ROUTES)
+def test_lightning_cli_takes_auto_and_a_budget_string(
+    tmp_path: Path, package: str, class_path: str, defined_in: str
+) -> None:
+    write_app(tmp_path, package, {"cli.py": CLI_APP})
+    auto = [
+        f"--trainer.strategy.class_path={class_path}",
+        "--trainer.strategy.init_args.layers_per_block=auto",
+        "--trainer.strategy.init_args.memory_budget=1GiB",
+    ]
+    report = report_of(run(tmp_path, "cli.py", "fit", *auto))
+    assert report["strategy"] == defined_in
+    assert (report["layers_per_block"], report["blocks"]) == (4, 1)  # the budget holds all four layers in one block

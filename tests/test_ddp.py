@@ -22,7 +22,15 @@ import torch.distributed as dist
 
 from lightning_hift import HiFTConfigError, partition
 from lightning_hift.ddp import GradientAverager, split_into_buckets
-from tests.helpers.distributed import MismatchedSeedStrategy, RankReport, ShardedTinyModule, StopAt, load_reports
+from lightning_hift.fsdp import ExitAfterExitHooksMixin
+from tests.helpers.distributed import (
+    ExitWitness,
+    MismatchedSeedStrategy,
+    RankReport,
+    ShardedTinyModule,
+    StopAt,
+    load_reports,
+)
 from tests.helpers.lightning import HiFTDDPStrategy, HiFTStrategy, ModelCheckpoint
 from tests.helpers.modules import quiet_trainer
 from tests.helpers.tiny_models import TINY_MODELS
@@ -412,3 +420,20 @@ def test_auto_chooses_one_block_size_for_every_process(tmp_path: Path) -> None:
     reports = fit_two_processes(tmp_path, 3, layers_per_block="auto", memory_budget="1GiB")
     assert [r["layers_per_block"] for r in reports] == [6, 6]  # the whole model fits: one block of six units
     assert [len({b["block"] for b in r["batches"]}) for r in reports] == [1, 1]
+
+
+def test_spawned_processes_end_after_their_exit_hooks_and_threads(tmp_path: Path) -> None:
+    """The interpreter's final clean-up is where gloo's threads could be torn down before they are joined (a rare
+    SIGABRT or SIGSEGV after a finished run): spawned processes end before it, with the launcher that ends them
+    there, but only once their threads and atexit hooks have run, as at a normal exit."""
+    trainer = quiet_trainer(
+        strategy=HiFTDDPStrategy(start_method="spawn"),
+        devices=WORLD,
+        max_steps=2,
+        use_distributed_sampler=False,
+        callbacks=[ExitWitness(tmp_path)],
+    )
+    assert isinstance(trainer.strategy.launcher, ExitAfterExitHooksMixin)
+    trainer.fit(ShardedTinyModule(samples=16, batch_size=4))
+    found = sorted(path.name for path in tmp_path.iterdir())
+    assert found == ["atexit0", "atexit1", "thread0", "thread1"]

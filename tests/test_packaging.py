@@ -97,6 +97,9 @@ PROBES: dict[str, Any] = {
         module.rpartition(".")[0]
     ).HalfPrecision("16-true"),
     "torch.distributed.tensor.DTensor": lambda module, tmp_path: _dtensor(tmp_path),
+    "{pl}.strategies.DDPStrategy": lambda module, tmp_path: importlib.import_module(
+        module.partition(".strategies")[0]
+    ).strategies.DDPStrategy(),
     "{pl}.loops.FitLoop": lambda module, tmp_path: (
         importlib.import_module(module.partition(".loops")[0]).Trainer(logger=False).fit_loop
     ),

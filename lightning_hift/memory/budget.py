@@ -273,15 +273,18 @@ def _positional(function: Callable[..., Any]) -> list[str]:
 
 @contextlib.contextmanager
 def _step_kept_apart(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run a traced training step without leaving a trace: logging off, and after it the random states, every
-    submodule's attributes and the contents of its public lists, dicts and sets as they were (a metric's state, a
-    list of step outputs), and the training modes."""
+    """Run a traced training step without leaving a trace: logging and torchmetrics metrics off (a metric's update
+    reads values, and adds nothing to backward), and after it the random states, every submodule's attributes and
+    the contents of its public lists, dicts and sets as they were (a list of step outputs, a counter), and the
+    training modes."""
     modes = {sub: sub.training for sub in module.modules()}
     saved = {sub: (dict(sub.__dict__), _containers(sub)) for sub in module.modules()}
-    quiet = {"log": _no_log, "log_dict": _no_log}
     try:
         with _random_states_kept(device):
-            module.__dict__.update(quiet)
+            module.__dict__.update(log=_no_log, log_dict=_no_log)
+            for sub in module.modules():
+                if _is_metric(sub):
+                    sub.__dict__.update(forward=_no_metric, update=_no_metric)
             module.train()
             yield
     finally:
@@ -297,6 +300,15 @@ def _step_kept_apart(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _no_log(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _no_metric(*args: Any, **kwargs: Any) -> Tensor:
+    return torch.zeros(())  # a fake scalar, inside the trace
+
+
+def _is_metric(module: nn.Module) -> bool:
+    """A torchmetrics ``Metric`` (told by its class, so that torchmetrics need not be installed)."""
+    return any(cls.__name__ == "Metric" and cls.__module__.startswith("torchmetrics") for cls in type(module).__mro__)
 
 
 def _containers(module: nn.Module) -> dict[str, Any]:

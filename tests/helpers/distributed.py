@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +214,23 @@ def _tensor_bytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)
     return 0
+
+
+class ExitWitness(Callback):
+    """In each process, at the end of training: an atexit hook that writes ``atexit{rank}``, and a non-daemon thread
+    that writes ``thread{rank}`` a moment later (a normal exit waits for it)."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = str(out)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import atexit
+
+        rank = trainer.global_rank
+        atexit.register(lambda: (Path(self.out) / f"atexit{rank}").write_text("ran"))
+
+        def late() -> None:
+            time.sleep(0.5)
+            (Path(self.out) / f"thread{rank}").write_text("ran")
+
+        threading.Thread(target=late, daemon=False).start()
