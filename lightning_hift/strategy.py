@@ -350,7 +350,8 @@ class HiFTStrategyBase(_Strategy):
         rank_zero_info(
             f"HiFT: layers_per_block={chosen} ({'chosen' if fixed is None else 'checked'} for a budget of"
             f" {size(budget)} per device; predicted {size(estimate.total('device'))}, of which activations"
-            f" {size(estimate.get(ACTIVATIONS, 'device'))}). Per block size: {figures}."
+            f" {size(estimate.get(ACTIVATIONS, 'device'))}, for the first batch: {planner.batch_shapes()}). Per block"
+            f" size: {figures}."
         )
 
     def _prepare_model(self) -> None:

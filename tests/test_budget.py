@@ -3,6 +3,7 @@ and resuming."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader
 
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.memory.budget import parse_budget, state_bytes_per_element
+from lightning_hift.memory.budget import parse_budget, size, state_bytes_per_element
 from tests.helpers.lightning import Callback, HiFTStrategy, LightningModule, seed_everything
 from tests.helpers.modules import ResumableTinyModule, TinyModule, fit, quiet_trainer
 from tests.helpers.tiny_models import tiny_llama_lm
@@ -56,11 +57,17 @@ def checked(m: int, module: LightningModule | None = None, **kwargs: Any) -> HiF
     return strategy
 
 
-def test_auto_chooses_the_largest_block_size_that_fits() -> None:
+def test_auto_chooses_the_largest_block_size_that_fits(caplog: pytest.LogCaptureFixture) -> None:
     totals = {m: checked(m).memory_estimate.total("device") for m in (1, 2, 3)}  # type: ignore[union-attr]
     assert totals[1] < totals[2] < totals[3]
     strategy = HiFTStrategy(layers_per_block="auto", memory_budget=(totals[2] + totals[3]) // 2)
-    fit(TinyModule(num_layers=4), strategy, max_steps=3)
+    with caplog.at_level(logging.INFO):
+        fit(TinyModule(num_layers=4), strategy, max_steps=3)
+    (line,) = [r.getMessage() for r in caplog.records if "layers_per_block=2 (chosen" in r.getMessage()]
+    assert "for the first batch: [0] 4x6, [1] 4)" in line  # TinyModule's (tokens, labels)
+    figures = dict(cell.split(" ", 1) for cell in line.split("Per block size: ")[1].rstrip(".").split("; "))
+    assert figures["m=2"] == size(totals[2])
+    assert figures["m=3"].endswith("over the budget") and figures["m=1"].endswith("not traced")
     assert strategy.layers_per_block == 2
     assert len(strategy.blocks) == math.ceil(UNITS / 2)
     assert strategy.memory_estimate is not None

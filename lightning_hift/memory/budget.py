@@ -90,7 +90,11 @@ class BlockSizeChoice:
     def summary(self) -> str:
         """The figures per m, for the log line."""
         said = {"total": "{}", "over": "model state {} over the budget", "untraced": "model state {}, not traced"}
-        return "; ".join(f"m={m} {said[what].format(size(n))}" for m, (n, what) in sorted(self.totals.items()))
+        cells = []
+        for m, (nbytes, what) in sorted(self.totals.items()):
+            over = " over the budget" if what == "total" and nbytes > self.budget else ""
+            cells.append(f"m={m} {said[what].format(size(nbytes))}{over}")
+        return "; ".join(cells)
 
 
 def size(nbytes: float) -> str:
@@ -159,6 +163,29 @@ class BlockSizePlanner:
             return one
         weight = self._element_size(self.blocks[1][0].params[0])
         return per_process(one, self.world_size, (weight + grad_bytes) * self.largest_unit)
+
+    def batch_shapes(self) -> str:
+        """The shapes of the batch's tensors, as the plan read them: ``"input_ids 16x48, labels 16"``."""
+        shapes: list[str] = []
+
+        def note(tensor: Tensor, name: str) -> None:
+            shapes.append(f"{name} {'x'.join(map(str, tensor.shape)) or 'scalar'}".strip())
+
+        def walk(value: Any, name: str) -> None:
+            if isinstance(value, Tensor):
+                note(value, name)
+            elif isinstance(value, Mapping):
+                for key, item in value.items():
+                    walk(item, str(key))
+            elif isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    walk(item, f"{name}[{index}]" if name else f"[{index}]")
+            elif hasattr(value, "__dataclass_fields__"):
+                for key in value.__dataclass_fields__:
+                    walk(getattr(value, key), key)
+
+        walk(self.batch, "")
+        return ", ".join(shapes) or "no tensors"
 
     def traced(self, m: int) -> bool:
         """Whether every block of size m has been traced."""
