@@ -221,6 +221,13 @@ def test_lightning_cli_trains_with_hift_from_a_class_path(
     assert_trained_with_hift(report_of(result), package, defined_in, order="top2down")
     # The configuration LightningCLI saves with the run (into the working folder, as there is no logger).
     assert_shows_hift((tmp_path / "config.yaml").read_text(), class_path)
+    # layers_per_block="auto" and a budget string from the command line: all four layers fit in one block.
+    (tmp_path / "auto").mkdir()
+    write_app(tmp_path / "auto", package, {"cli.py": CLI_APP})
+    init_args = "--trainer.strategy.init_args"
+    auto = [f"{init_args}.layers_per_block=auto", f"{init_args}.memory_budget=1GiB"]
+    report = report_of(run(tmp_path / "auto", "cli.py", "fit", f"--trainer.strategy.class_path={class_path}", *auto))
+    assert (report["strategy"], report["layers_per_block"], report["blocks"]) == (defined_in, 4, 1)
 
 
 @pytest.mark.slow
@@ -243,19 +250,3 @@ def test_lightning_cli_prints_the_hift_arguments_and_trains_from_the_printed_con
     (tmp_path / "hift.yaml").write_text(printed)
     result = run(tmp_path, "cli.py", "fit", "--config=hift.yaml")
     assert_trained_with_hift(report_of(result), package, defined_in, order="top2down")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("package", "class_path", "defined_in"), ROUTES)
-def test_lightning_cli_takes_auto_and_a_budget_string(
-    tmp_path: Path, package: str, class_path: str, defined_in: str
-) -> None:
-    write_app(tmp_path, package, {"cli.py": CLI_APP})
-    auto = [
-        f"--trainer.strategy.class_path={class_path}",
-        "--trainer.strategy.init_args.layers_per_block=auto",
-        "--trainer.strategy.init_args.memory_budget=1GiB",
-    ]
-    report = report_of(run(tmp_path, "cli.py", "fit", *auto))
-    assert report["strategy"] == defined_in
-    assert (report["layers_per_block"], report["blocks"]) == (4, 1)  # the budget holds all four layers in one block
