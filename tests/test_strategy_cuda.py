@@ -258,3 +258,18 @@ def test_the_cuda_sanitizer_finds_no_race_in_a_run() -> None:
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "CSAN" not in result.stderr, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_auto_on_cuda_takes_the_device_budget_and_predicts_what_the_steps_save(precision: str) -> None:
+    """The trace on fake CUDA tensors, under CUDA autocast, against what autograd saves in the real CUDA steps."""
+    from tests.test_budget import UNITS, SavedBytes
+
+    saved = SavedBytes()
+    strategy = HiFTStrategy(layers_per_block="auto")  # the default budget: the device's memory less 10%
+    trainer = quiet_trainer(
+        accelerator="gpu", devices=1, strategy=strategy, max_steps=UNITS, precision=precision, callbacks=[saved]
+    )
+    trainer.fit(TinyModule(num_layers=4))
+    assert strategy.layers_per_block == UNITS and strategy.memory_estimate is not None
+    assert strategy.memory_estimate.get("activations", "device") == max(saved.by_block.values())
