@@ -64,14 +64,14 @@ class CheckpointInputs:
         setup (in ``on_train_start``) is seen as well.
         """
         self.detach()
-        if self._model is None or not any(_checkpointed(unit) for units in self._units.values() for unit in units):
+        if self._model is None or not any(checkpointed(unit) for units in self._units.values() for unit in units):
             return
         self._take_input_hooks(self._model)
         # Every checkpointed layer of the block, not only the first: a block can span two stacks (T5's encoder and
         # decoder), the second fed from frozen embeddings. Above the first layer the hook costs nothing: the input
         # already requires grad.
         for unit in self._units.get(block.index, []):
-            if _checkpointed(unit):
+            if checkpointed(unit):
                 self._handles.append(unit.register_forward_pre_hook(_first_input_requires_grad))
 
     def detach(self) -> None:
@@ -112,7 +112,8 @@ def _installed(handle: RemovableHandle) -> bool:
     return hooks is not None and handle.id in hooks
 
 
-def _checkpointed(module: nn.Module) -> bool:
+def checkpointed(module: nn.Module) -> bool:
+    """Whether ``module`` or a module inside it checkpoints its activations (Hugging Face's flag)."""
     return any(getattr(inner, "gradient_checkpointing", False) is True for inner in module.modules())
 
 

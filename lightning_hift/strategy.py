@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_hift import lr, optim_state, orders
 from lightning_hift.blocks import Block, check_frozen, partition
-from lightning_hift.checkpointing import CheckpointInputs
+from lightning_hift.checkpointing import CheckpointInputs, checkpointed
 from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory.budget import (
@@ -279,7 +279,7 @@ class HiFTStrategyBase(_Strategy):
             )
         batch = self.precision_plugin.convert_input(first_batch(loaders, self.root_device))
         batch = module.on_before_batch_transfer(batch, 0)
-        half = private_attribute(self.precision_plugin, "_desired_input_dtype") if self._converts_to_half() else None
+        half = self._half_dtype()
         world_size = getattr(self, "world_size", 1)
         planner = BlockSizePlanner(
             module,
@@ -337,7 +337,7 @@ class HiFTStrategyBase(_Strategy):
                 budget,
                 masters,
                 self._shards_weights,
-                _checkpointing(self.lightning_module),
+                checkpointed(self.lightning_module),
             )
             if not (self.auto_block_size and fixed is not None):
                 raise HiFTConfigError(message)
@@ -363,11 +363,17 @@ class HiFTStrategyBase(_Strategy):
     def _converts_to_half(self) -> bool:
         return isinstance(self.precision_plugin, lightning_classes("plugins.precision.HalfPrecision"))
 
+    def _half_dtype(self) -> torch.dtype | None:
+        """The dtype ``bf16-true`` / ``16-true`` convert the weights to; None at other precisions."""
+        if not self._converts_to_half():
+            return None
+        return private_attribute(self.precision_plugin, "_desired_input_dtype")
+
     def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
         # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
         if not self._converts_to_half():
             return None
-        fp16 = private_attribute(self.precision_plugin, "_desired_input_dtype") == torch.float16
+        fp16 = self._half_dtype() == torch.float16
         scaler = LossScaler() if fp16 else None
         return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer, full_values)
 
@@ -821,11 +827,6 @@ def _check_positive_int(name: str, value: object, alternative: str = "") -> None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         alternative = f" {alternative}" if alternative else ""
         raise HiFTConfigError(f"{name} must be a whole number >= 1{alternative}, got {name}={value!r}.")
-
-
-def _checkpointing(module: nn.Module) -> bool:
-    """Whether any submodule checkpoints its activations (Hugging Face's flag)."""
-    return any(getattr(sub, "gradient_checkpointing", False) is True for sub in module.modules())
 
 
 def _check_optimizer(optimizers: Sequence[Optimizer]) -> None:

@@ -3,6 +3,7 @@ and resuming."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -14,7 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader
 
 from lightning_hift.errors import HiFTConfigError
-from lightning_hift.memory.budget import parse_budget, size, state_bytes_per_element
+from lightning_hift.memory.budget import BlockSizePlanner, parse_budget, size, state_bytes_per_element
 from tests.helpers.lightning import Callback, HiFTStrategy, LightningModule, seed_everything
 from tests.helpers.modules import ResumableTinyModule, TinyModule, fit, quiet_trainer
 from tests.helpers.tiny_models import tiny_llama_lm
@@ -97,34 +98,58 @@ def test_the_estimate_is_what_the_run_holds(precision: str) -> None:
     assert estimate.get("activations", "device") == max(saved.by_block.values())
 
 
+class CheckpointedCausalLM(LightningModule):
+    """A tiny Llama with reentrant gradient checkpointing: five units (embeddings, three layers, the output end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama_lm(num_layers=3)
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.model(**batch).loss
+
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(0, self.model.config.vocab_size, (16, 12), generator=torch.Generator().manual_seed(0))
+        return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=4)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
 def test_activations_per_block_match_the_real_steps_of_a_checkpointed_hugging_face_model() -> None:
     """The trace runs the module's own training_step with HiFT's checkpointing hooks on the traced block."""
-
-    class CausalLM(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = tiny_llama_lm(num_layers=3)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-
-        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-            return self.model(**batch).loss
-
-        def train_dataloader(self) -> DataLoader:
-            ids = torch.randint(0, self.model.config.vocab_size, (16, 12), generator=torch.Generator().manual_seed(0))
-            return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=4)
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
 
     for m in (1, 2):
         saved = SavedBytes()
         strategy = HiFTStrategy(layers_per_block=m, memory_budget="1GiB")
-        fit(CausalLM(), strategy, max_steps=5, callbacks=[saved])  # five units: every block trains
+        fit(CheckpointedCausalLM(), strategy, max_steps=5, callbacks=[saved])  # five units: every block trains
         assert strategy.memory_estimate is not None
         assert len(saved.by_block) == len(strategy.blocks)  # every block has trained
         assert strategy.memory_estimate.get("activations", "device") == max(saved.by_block.values())
         largest = max(block.numel() for block in strategy.blocks)
         assert strategy.memory_estimate.get("optimizer_state", "device") == 4 * largest  # SGD's momentum
+
+
+def test_blocks_of_several_sizes_traced_together_get_the_figures_they_get_alone() -> None:
+    """hift_fsdp traces every block size at once, before it shards: each traced block gets HiFT's checkpointing
+    hooks on its own layers, although blocks of different sizes share indices."""
+    module = CheckpointedCausalLM()
+    ids = torch.zeros(4, 12, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids}
+
+    def planner() -> BlockSizePlanner:
+        return BlockSizePlanner(module, batch, torch.device("cpu"), None, contextlib.nullcontext, None, ())
+
+    alone = {}
+    for m in (1, 2, 3):
+        one_size = planner()
+        one_size.trace(one_size.blocks[m])
+        alone |= {block.names: one_size.block_activations(block) for block in one_size.blocks[m]}
+    together = planner()
+    blocks = [block for m in (1, 2, 3) for block in together.blocks[m]]
+    together.trace(blocks)
+    assert {block.names: together.block_activations(block) for block in blocks} == alone
 
 
 def test_auto_refuses_before_the_first_step_when_one_unit_per_block_does_not_fit() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import math
 import random
@@ -141,9 +142,7 @@ class BlockSizePlanner:
         self._traced: dict[tuple[str, ...], int] = {}
 
     def _element_size(self, tensor: Tensor) -> int:
-        if self.half is not None and tensor.is_floating_point():
-            return torch.empty((), dtype=self.half).element_size()
-        return tensor.element_size()
+        return self.half.itemsize if self.half is not None and tensor.is_floating_point() else tensor.element_size()
 
     @property
     def candidates(self) -> list[int]:
@@ -196,26 +195,35 @@ class BlockSizePlanner:
         missing = [block for block in self.blocks[m] if block.names not in self._traced]
         if missing:
             self.trace(missing)
-        return max(self._traced[block.names] for block in self.blocks[m])
+        return max(self.block_activations(block) for block in self.blocks[m])
+
+    def block_activations(self, block: Block) -> int:
+        """The bytes the training step saves for backward with ``block`` trainable, once traced."""
+        return self._traced[block.names]
 
     def trace(self, blocks: Sequence[Block]) -> None:
         """Trace the training step with each of ``blocks`` trainable (before the module is sharded, for FSDP)."""
         module = self.module
+        # HiFT's checkpointing hooks know every unit, and each traced block under an index of its own: blocks of
+        # several sizes may be traced together, and their indices repeat.
+        units = len(self.blocks[1])
+        traced = [dataclasses.replace(block, index=units + i) for i, block in enumerate(blocks)]
         inputs = CheckpointInputs()
-        inputs.start(module, self.blocks[1] + list(blocks))
+        inputs.start(module, self.blocks[1] + traced)
 
         @contextlib.contextmanager
         def active(i: int) -> Iterator[None]:
-            inputs.attach(blocks[i])
+            inputs.attach(traced[i])
             try:
                 yield
             finally:
                 inputs.detach()
 
+        wrapper = _TrainingStep(module, len(_positional(module.training_step)) >= 2)  # type: ignore[arg-type]
+
         def step(state: Mapping[str, Tensor]) -> Tensor | None:
             batch = apply_to_collection(self.batch, Tensor, fake_like, device=self.device)
             batch = module.on_after_batch_transfer(batch, 0)  # type: ignore[operator]
-            wrapper = _TrainingStep(module, len(_positional(module.training_step)) >= 2)  # type: ignore[arg-type]
             state = {f"module.{name}": value for name, value in state.items()}
             output = torch.func.functional_call(wrapper, dict(state), (batch,), strict=False)
             return output if isinstance(output, Tensor) else None
