@@ -1,4 +1,4 @@
-"""Per-process model-state memory of LLaMA-2 shapes on N processes: the README's table, from the memory planner.
+"""Per-process model-state memory of LLaMA-2 shapes on N processes: the table of docs/guide/fsdp.md, from the memory planner.
 
     python experiments/memory_table.py        # prints a markdown table (about 30 s: 70B is built on the meta device)
 
