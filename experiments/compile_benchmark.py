@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch._dynamo
 import transformers as hf
 from lightning.pytorch import Trainer, seed_everything
-from run_summary import markdown_table
+from run_summary import markdown
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -153,21 +154,18 @@ def _recompile_limit_hits() -> int:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    baseline = next((r for r in records if r["run"] == "full / eager"), None)
-    header = ["run", "median s/step", "mean s/step", "vs full / eager", "warm-up overhead s", "graphs compiled"]
-    rows = [
-        [
-            r["run"],
-            f"{r['median']:.3f}",
-            f"{r['mean']:.3f}",
-            f"{r['median'] / baseline['median']:.2f}x" if baseline else "-",
-            f"{r['warmup_overhead']:.1f}",
-            r["graphs"],
-            "yes" if r["limit_hit"] else "no",
-        ]
-        for r in records
-    ]
-    return "\n".join(markdown_table([*header, "recompile limit hit"], rows))
+    runs = pd.DataFrame(records)
+    speed = runs["median"] / runs.set_index("run").reindex(["full / eager"])["median"].iloc[0]
+    columns = {
+        "run": runs.run,
+        "median s/step": runs["median"].map("{:.3f}".format),
+        "mean s/step": runs["mean"].map("{:.3f}".format),
+        "vs full / eager": speed.map("{:.2f}x".format).where(speed.notna(), "-"),
+        "warm-up overhead s": runs.warmup_overhead.map("{:.1f}".format),
+        "graphs compiled": runs.graphs,
+        "recompile limit hit": runs.limit_hit.map(lambda hits: "yes" if hits else "no"),
+    }
+    return markdown(pd.DataFrame(columns))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
-from run_summary import markdown_table
+from run_summary import markdown
 
 from lightning_hift import HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
 from lightning_hift.fsdp import gathering_launcher, shard_by_unit
@@ -177,18 +178,24 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    ddp = next((r for r in records if r["method"] == "ddp"), None)
-    header = ["method", "processes x threads", "global batch", "median s/step", "time vs DDP", "MiB grads/step"]
-    rows = []
-    for r in records:
-        many = r["processes"] > 1
-        speed = f"{r['median_s_per_step'] / ddp['median_s_per_step']:.2f}x" if ddp else "-"
-        traffic = f"{r['bytes_per_step'] / ddp['bytes_per_step']:.3f}x" if ddp and many else "-"
-        grads = f"{r['bytes_per_step'] / 2**20:.1f}" if many else "-"
-        gathered = f"{r.get('gathered_bytes_per_step', 0) / 2**20:.1f}" if many else "-"
-        cells = [r["method"], f"{r['processes']} x {r['threads']}", args.batch_size * args.processes]
-        rows.append([*cells, f"{r['median_s_per_step']:.3f}", speed, grads, traffic, gathered])
-    return "\n".join(markdown_table([*header, "grads vs DDP", "MiB gathered/step"], rows))
+    runs = pd.DataFrame([{"gathered_bytes_per_step": 0, **record} for record in records])
+    ddp = runs.set_index("method").reindex(["ddp"]).iloc[0]  # NaN without a DDP row: its ratios read "-"
+    many = runs.processes > 1  # one-process rows send nothing
+
+    def cells(values: pd.Series, pattern: str, where: pd.Series | bool = True) -> pd.Series:
+        return values.map(pattern.format).where(values.notna() & where, "-")
+
+    columns = {
+        "method": runs.method,
+        "processes x threads": runs.processes.astype(str) + " x " + runs.threads.astype(str),
+        "global batch": args.batch_size * args.processes,
+        "median s/step": cells(runs.median_s_per_step, "{:.3f}"),
+        "time vs DDP": cells(runs.median_s_per_step / ddp.median_s_per_step, "{:.2f}x"),
+        "MiB grads/step": cells(runs.bytes_per_step / 2**20, "{:.1f}", many),
+        "grads vs DDP": cells(runs.bytes_per_step / ddp.bytes_per_step, "{:.3f}x", many),
+        "MiB gathered/step": cells(runs.gathered_bytes_per_step / 2**20, "{:.1f}", many),
+    }
+    return markdown(pd.DataFrame(columns))
 
 
 def main(argv: list[str] | None = None) -> None:

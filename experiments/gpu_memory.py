@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from run_summary import markdown_table, peak_memory
+from run_summary import markdown, peak_memory
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,6 +45,8 @@ PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 METHODS = ("fpft", "hift", "hift_fsdp")
 # Paper (LLaMA-2-7B, AdamW, E2E): total GiB, including activations and its own residual memory.
 PAPER_7B = {("32-true", "fpft"): 142.11, ("32-true", "hift"): 55.41, ("bf16-true", "hift"): 36.57}
+COLUMNS = ["precision", "method", "measured peak GiB", "planner total GiB", "planner model states GiB"]
+COLUMNS += ["paper total GiB", "host peak GiB", "seconds"]
 
 
 class RandomTokensLM(LightningModule):
@@ -121,27 +124,17 @@ def spawn(args: argparse.Namespace, precision: str, method: str, steps: int) -> 
     return result
 
 
-def write_table(args: argparse.Namespace, planner: Any, rows: list[tuple[Any, ...]]) -> str:
+def gib(nbytes: float | None) -> str:
+    return "OOM" if nbytes is None else f"{nbytes / GIB:.2f}"
+
+
+def write_table(args: argparse.Namespace, planner: Any, rows: list[dict[str, str]]) -> str:
     place = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak RSS of the process)"
-    lines = [
+    table = (
         f"Shape {args.shape} ({planner.num_params / 1e6:,.0f} M params, {planner.num_blocks} blocks), batch"
         f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps; {place}."
-        " Each row runs in its own process.",
-        "",
-    ]
-    cells = []
-    for precision, method, result, planned, total, paper, seconds in rows:
-        if "failed" in result:
-            measured, host = result["failed"], ""
-        else:
-            measured = "OOM" if result["peak"] is None else f"{result['peak'] / GIB:.2f}"
-            host = f"{result['host_peak'] / GIB:.2f}"
-        reported = "" if paper is None else f"{paper:.2f}"
-        figures = [f"{total / GIB:.2f}", f"{planned / GIB:.2f}", reported]
-        cells.append([precision, method, measured, *figures, host, f"{seconds:.0f}"])
-    header = ["precision", "method", "measured peak GiB", "planner total GiB", "planner model states GiB"]
-    header.append("paper total GiB")
-    table = "\n".join([*lines, *markdown_table([*header, "host peak GiB", "seconds"], cells)])
+        " Each row runs in its own process.\n\n" + markdown(pd.DataFrame(rows, columns=COLUMNS))
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")  # after every row: a long run that stops keeps what it measured
     return table
@@ -166,7 +159,7 @@ def main() -> None:
         return
     with torch.device("meta"):
         meta_model = LlamaForCausalLM(SHAPES[args.shape])
-    rows: list[tuple[Any, ...]] = []
+    rows: list[dict[str, str]] = []
     table = ""
     for precision in args.precisions:
         planner = estimate_memory(meta_model, precision, "adamw", batch_size=args.batch_size, seq_len=args.seq_len)
@@ -178,7 +171,19 @@ def main() -> None:
             total = breakdown.total("device")
             planned = total - breakdown.get("activations", "device")
             paper = PAPER_7B.get((precision, method)) if args.shape == "7b" else None
-            rows.append((precision, method, result, planned, total, paper, time.perf_counter() - started))
+            failed = result.get("failed")
+            rows.append(
+                {
+                    "precision": precision,
+                    "method": method,
+                    "measured peak GiB": failed or gib(result["peak"]),
+                    "planner total GiB": gib(total),
+                    "planner model states GiB": gib(planned),
+                    "paper total GiB": "" if paper is None else f"{paper:.2f}",
+                    "host peak GiB": "" if failed else gib(result["host_peak"]),
+                    "seconds": f"{time.perf_counter() - started:.0f}",
+                }
+            )
             print(rows[-1], flush=True)
             table = write_table(args, planner, rows)
     print(table)

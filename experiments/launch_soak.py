@@ -18,12 +18,13 @@ import multiprocessing
 import subprocess
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from run_summary import markdown
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -105,33 +106,34 @@ def main() -> None:
     finally:
         for hog in hogs:
             hog.terminate()
-    launches, failed, aborted = Counter(), Counter(), Counter()
-    seconds: dict[str, list[float]] = {}
-    failures: list[str] = []
-    for strategy, code, abort, took, output in outcomes:
-        launches[strategy] += 1
-        failed[strategy] += code != 0
-        aborted[strategy] += abort
-        seconds.setdefault(strategy, []).append(took)
-        if code != 0 or abort:
-            failures.append(f"{strategy}, exit code {code}:\n\n```\n" + "\n".join(output.splitlines()[-15:]) + "\n```")
+    runs = pd.DataFrame(outcomes, columns=["strategy", "code", "aborted", "seconds", "output"])
+    runs["failed"] = runs.code != 0
+    by = runs.groupby("strategy")
+    table = pd.DataFrame(
+        {
+            "launches": by.size(),
+            "exit code not 0": by.failed.sum(),
+            "aborted at exit": by.aborted.sum(),
+            "median s per launch": by.seconds.median().map("{:.1f}".format),
+        }
+    ).reindex(args.strategies)
     lines = [
         f"Launches under load: {args.parallel} at once, {args.load} busy processes, two gloo processes each"
         f" (`python experiments/launch_soak.py --launches {args.launches} --parallel {args.parallel}"
         f" --load {args.load}`).",
         "",
-        "| strategy | launches | exit code not 0 | aborted at exit | median s per launch |",
-        "|---|---|---|---|---|",
+        markdown(table.rename_axis("strategy").reset_index()),
     ]
-    for strategy in args.strategies:
-        median = sorted(seconds[strategy])[len(seconds[strategy]) // 2]
-        lines.append(f"| {strategy} | {launches[strategy]} | {failed[strategy]} | {aborted[strategy]} | {median:.1f} |")
-    if failures:
-        lines += ["", "The end of each failed launch's output:", "", *failures]
-    table = "\n".join(lines)
-    print(table)
+    failures = runs[runs.failed | runs.aborted]
+    if len(failures):
+        lines += ["", "The end of each failed launch's output:", ""]
+        for failure in failures.itertuples():
+            tail = "\n".join(failure.output.splitlines()[-15:])
+            lines.append(f"{failure.strategy}, exit code {failure.code}:\n\n```\n{tail}\n```")
+    page = "\n".join(lines)
+    print(page)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    args.out.write_text(page + "\n")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.tuner import Tuner
-from run_summary import markdown_table
+from run_summary import markdown
 from train import build_module
 
 import lightning_hift  # noqa: F401  (registers strategy="hift")
@@ -49,14 +50,15 @@ def main() -> None:
     parser.add_argument("--num-training", type=int, default=100, help="steps of the range test")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "lr_find.md")
     args = parser.parse_args()
-    rows = [(name, suggest(args.overrides, strategy, args.num_training)) for name, strategy in METHODS.items()]
+    rows = []
+    for name, strategy in METHODS.items():
+        lr = suggest(args.overrides, strategy, args.num_training)
+        rows.append((name, "none" if lr is None else f"{lr:.2e}"))
     task = " ".join(args.overrides) or "defaults (MiniLM, tweets, AdamW, batch 16)"
     lines = [
         f"# lr_find suggestions: {task}, {args.num_training} range-test steps from 1e-6 to 1e-1",
         "",
-        *markdown_table(
-            ["method", "suggested learning rate"], [(name, "none" if lr is None else f"{lr:.2e}") for name, lr in rows]
-        ),
+        markdown(pd.DataFrame(rows, columns=["method", "suggested learning rate"])),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
-from run_summary import markdown_row, markdown_table
+from run_summary import markdown
 from torch import Tensor
 from train import build_module
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -154,19 +155,6 @@ def blocks_of(setting: Setting) -> int:
     return len(partition(module, 1))
 
 
-HEADER = [
-    "module",
-    "steps",
-    "recipe lr",
-    "method",
-    "lr_scale",
-    "effective lr",
-    "val loss",
-    "val acc / ppl",
-    "fit seconds",
-]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SETTINGS), nargs="+", default=sorted(SETTINGS))
@@ -175,51 +163,38 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    lines = [
-        "# HiFT at a full fine-tuning recipe's learning rate: the effect of `lr_scale`",
-        "",
-        "Written by `python experiments/lr_scale.py` (see its docstring for the three modules). Validation split,"
-        f" seed {args.seed}; k is the number of blocks (one unit per block, bottom-up, the package defaults).",
-        "",
-        *markdown_table(HEADER, []),
-    ]
+    rows = []
     for name in args.only:
         setting = SETTINGS[name]
         k = blocks_of(setting)
-        scales: list[tuple[str, float | None]] = [
-            ("full fine-tuning", None),
-            *(
-                (f"HiFT, lr_scale={label}", value)
-                for label, value in (
-                    ("1", 1.0),
-                    ("sqrt(k)", math.sqrt(k)),
-                    (f"k ('blocks', {k})", float(k)),
-                    ("2k", 2.0 * k),
-                )
-            ),
-        ]
-        for method, scale in scales:
+        scales = {"1": 1.0, "sqrt(k)": math.sqrt(k), f"k ('blocks', {k})": float(k), "2k": 2.0 * k}
+        for method, scale in {
+            "full fine-tuning": None,
+            **{f"HiFT, lr_scale={s}": v for s, v in scales.items()},
+        }.items():
             result = run(setting, scale, args.seed)
-            effective = setting.recipe_lr * (scale or 1.0)
-            scale_text = "" if scale is None else f"{scale:.2f}"
-            loss_text = "n/a" if math.isnan(result["loss"]) else f"{result['loss']:.3f}"
-            row = markdown_row(
-                [
-                    name,
-                    setting.steps,
-                    f"{setting.recipe_lr:.0e}",
-                    method,
-                    scale_text,
-                    f"{effective:.2e}",
-                    loss_text,
-                    f"{result['score']:.3f}",
-                    f"{result['seconds']:.0f}",
-                ]
+            rows.append(
+                {
+                    "module": name,
+                    "steps": setting.steps,
+                    "recipe lr": f"{setting.recipe_lr:.0e}",
+                    "method": method,
+                    "lr_scale": "" if scale is None else f"{scale:.2f}",
+                    "effective lr": f"{setting.recipe_lr * (scale or 1.0):.2e}",
+                    "val loss": "n/a" if math.isnan(result["loss"]) else f"{result['loss']:.3f}",
+                    "val acc / ppl": f"{result['score']:.3f}",
+                    "fit seconds": f"{result['seconds']:.0f}",
+                }
             )
-            print(row, flush=True)
-            lines.append(row)
+            print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.write_text(
+        "# HiFT at a full fine-tuning recipe's learning rate: the effect of `lr_scale`\n\n"
+        "Written by `python experiments/lr_scale.py` (see its docstring for the three modules). Validation split,"
+        f" seed {args.seed}; k is the number of blocks (one unit per block, bottom-up, the package defaults).\n\n"
+        + markdown(pd.DataFrame(rows))
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from run_summary import markdown
 from torch import nn
 
 from lightning_hift.blocks import partition
 from lightning_hift.memory.activations import activation_bytes, hf_batch, measure_saved_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PAGE = """# Activations: planned (fake tensors, no weights) against measured (real CPU forward)
+
+`python experiments/memory_check.py`; torch {torch}, {machine}. Bytes autograd saves
+in one training forward (loss included, weights excluded): full fine-tuning and each HiFT block trainable
+alone (one unit per block). Relative error is (planned - measured) / measured.
+
+{table}
+"""
 
 
 def tiny_configs() -> dict[str, Callable[[], nn.Module]]:
@@ -127,28 +137,20 @@ def main() -> None:
         rows += check(f"{name} seq 64 (32-true)", model, real_batch(model, 4, 64), "32-true")
     rows += check("nn.Module MLP, batch 64 (32-true)", MLP(), (torch.randn(64, 256),), "32-true")
 
-    lines = [
-        "# Activations: planned (fake tensors, no weights) against measured (real CPU forward)",
-        "",
-        f"`python experiments/memory_check.py`; torch {torch.__version__}, {platform.machine()}. Bytes autograd saves",
-        "in one training forward (loss included, weights excluded): full fine-tuning and each HiFT block trainable",
-        "alone (one unit per block). Relative error is (planned - measured) / measured.",
-        "",
-        "| model | trainable | planned MiB | measured MiB | error |",
-        "|---|---|---:|---:|---:|",
-    ]
-    worst = 0.0
-    for row in rows:
-        error = (row["planned"] - row["measured"]) / max(row["measured"], 1)
-        worst = max(worst, abs(error))
-        lines.append(
-            f"| {row['model']} | {row['set']} | {row['planned'] / 2**20:.3f} | {row['measured'] / 2**20:.3f}"
-            f" | {error:+.2%} |"
-        )
-    lines += ["", f"Largest error: {worst:.2%} over {len(rows)} rows."]
+    table = pd.DataFrame(rows)
+    error = (table.planned - table.measured) / table.measured.clip(lower=1)
+    columns = {
+        "model": table.model,
+        "trainable": table.set,
+        "planned MiB": (table.planned / 2**20).map("{:.3f}".format),
+        "measured MiB": (table.measured / 2**20).map("{:.3f}".format),
+        "error": error.map("{:+.2%}".format),
+    }
+    page = PAGE.format(torch=torch.__version__, machine=platform.machine(), table=markdown(pd.DataFrame(columns)))
+    page += f"\nLargest error: {error.abs().max():.2%} over {len(table)} rows.\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    args.out.write_text(page)
+    print(page, end="")
 
 
 if __name__ == "__main__":

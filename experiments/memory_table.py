@@ -1,4 +1,5 @@
-"""Per-process model-state memory of LLaMA-2 shapes on N processes: the table of docs/guide/fsdp.md, from the memory planner.
+"""Per-process model-state memory of LLaMA-2 shapes on N processes, from the memory planner: the table of
+docs/guide/fsdp.md.
 
     python experiments/memory_table.py        # prints a markdown table (about 30 s: 70B is built on the meta device)
 
@@ -11,6 +12,11 @@ bf16 step are lost).
 
 from __future__ import annotations
 
+from itertools import product
+
+import pandas as pd
+from run_summary import markdown
+
 from lightning_hift.memory import GIB, SHARDED_STRATEGIES, estimate_per_rank
 
 SHAPES = ("llama2-7b", "llama2-13b", "llama2-70b")
@@ -19,15 +25,13 @@ PRECISIONS = {"32-true": "fp32", "bf16-true": "Mixed^Hi (bf16-true)"}
 
 
 def main() -> None:
-    print("| model | N | precision | " + " | ".join(SHARDED_STRATEGIES) + " | hift_fsdp host |")
-    print("|---|---|---|" + "---|" * (len(SHARDED_STRATEGIES) + 1))
-    for shape in SHAPES:
-        for world_size in WORLD_SIZES:
-            for precision, label in PRECISIONS.items():
-                ranks = estimate_per_rank(shape, world_size, precision).ranks
-                cells = [f"{ranks[name].total('device') / GIB:.1f}" for name in SHARDED_STRATEGIES]
-                cells.append(f"{ranks['hift_fsdp'].total('host') / GIB:.1f}")
-                print(f"| {shape} | {world_size} | {label} | " + " | ".join(cells) + " |")
+    rows = []
+    for shape, world_size, (precision, label) in product(SHAPES, WORLD_SIZES, PRECISIONS.items()):
+        ranks = estimate_per_rank(shape, world_size, precision).ranks
+        totals = {name: f"{ranks[name].total('device') / GIB:.1f}" for name in SHARDED_STRATEGIES}
+        host = f"{ranks['hift_fsdp'].total('host') / GIB:.1f}"
+        rows.append({"model": shape, "N": world_size, "precision": label, **totals, "hift_fsdp host": host})
+    print(markdown(pd.DataFrame(rows)))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from lightning.pytorch.strategies import Strategy
 
@@ -61,13 +62,10 @@ def format_summary(metrics: Mapping[str, Any], metric: str) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows.items())
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """The lines of a Markdown table: the header, its rule, and a line per row (cells written with ``str``)."""
-    return [markdown_row(header), "|" + "---|" * len(header), *(markdown_row(row) for row in rows)]
-
-
-def markdown_row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table, its cells as they are: unpadded (``| a | b |``), and no text read as a number
+    (a rate stays ``5e-5``)."""
+    return str(frame.to_markdown(index=False, stralign=None, numalign=None, disable_numparse=True))
 
 
 def _number(value: float | None) -> str:

