@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pandas as pd
 import psutil
 import torch
 from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
@@ -309,8 +310,9 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
     meter.recording = False
     trainer.validate(run.module, dataloaders=data.val_dataloader(), verbose=False)
     val_score = float(trainer.callback_metrics[metric])
-    steps = meter.steps
-    device_bytes = [step["grad_bytes"] + step["state_bytes"] for step in steps]
+    steps = pd.DataFrame(meter.steps)
+    steps["device_bytes"] = steps.grad_bytes + steps.state_bytes
+    peaks = {key: int(steps[key].max()) for key in ("device_bytes", "grad_bytes", "state_bytes", "host_state_bytes")}
     return {
         "status": "ok",
         "description": run.description,
@@ -318,14 +320,11 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
         "params": sum(p.numel() for p in run.module.parameters()),
         "seconds_per_step": timer.median_seconds,
         "train_seconds": sum(timer.seconds),
-        "device_bytes": max(device_bytes),
-        "grad_bytes": max(step["grad_bytes"] for step in steps),
-        "state_bytes": max(step["state_bytes"] for step in steps),
-        "host_state_bytes": max(step["host_state_bytes"] for step in steps),
-        "master_bytes": max(step["master_bytes"] for step in steps),
-        "trainable_mean": sum(step["trainable"] for step in steps) / len(steps),
-        "trainable_max": max(step["trainable"] for step in steps),
-        "loss": [step["loss"] for step in steps],
+        **peaks,
+        "master_bytes": int(steps.master_bytes.max()),
+        "trainable_mean": float(steps.trainable.mean()),
+        "trainable_max": int(steps.trainable.max()),
+        "loss": steps.loss.tolist(),
         "evals": meter.evals,
         "val_score": val_score,
         **run.facts,
