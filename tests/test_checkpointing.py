@@ -66,7 +66,6 @@ class Step:
     active: int
     forwards: dict[str, int]
     """Runs of each layer's inside: 2 when backward recomputed the layer."""
-    grads: dict[str, Tensor]
     hooked: list[str]
     """Layers with more forward pre-hooks than they had before fitting."""
 
@@ -82,6 +81,8 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     changed: list[set[str]] = field(default_factory=list)
     """The parameters each step changed."""
+    grads: list[dict[str, Tensor]] = field(default_factory=list)
+    """Each step's gradients, as the optimizer was about to apply them."""
 
 
 class StepWatcher(Callback):
@@ -89,7 +90,7 @@ class StepWatcher(Callback):
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.step = Step(0, {}, {}, [])
+        self.step = Step(0, {}, [])
         self.forwards: dict[str, int] = {}
         for name in run.layers:
             # Hugging Face checkpoints a layer's forward, not its __call__: the layer's own hooks run once a step,
@@ -104,12 +105,8 @@ class StepWatcher(Callback):
         # Read here: the HiFT callback activates the next block in on_train_batch_end.
         pre_hooks = pre_hook_counts(pl_module)
         hooked = [name for name in self.run.layers if pre_hooks[name] > self.run.pre_hooks_before[name]]
-        self.step = Step(trainer.strategy.active_block, {}, {}, hooked)
+        self.step = Step(trainer.strategy.active_block, {}, hooked)
         self.forwards = self.step.forwards
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        # Not called when the step is skipped for want of gradients.
-        self.step.grads = {name: p.grad.clone() for name, p in pl_module.named_parameters() if p.grad is not None}
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         self.run.steps.append(self.step)
@@ -126,9 +123,9 @@ def train(key: str, use_reentrant: bool | None) -> Run:
     blocks = partition(module)
     layers = [name for block in blocks for name in block.unit_names if name not in (EMBEDDINGS, OUTPUT)]
     run = Run(module, blocks, layers, pre_hook_counts(module), hasattr(module.model, "_require_grads_hook"))
-    recorder = StepRecorder()
+    recorder = StepRecorder(grads=True)
     fit(module, HiFTStrategy(), max_steps=len(blocks) + 1, callbacks=[StepWatcher(run), recorder])
-    run.changed = recorder.changed
+    run.changed, run.grads = recorder.changed, recorder.grads
     return run
 
 
@@ -170,10 +167,10 @@ def test_each_step_trains_the_active_block_with_the_gradients_of_a_run_without_c
     for step, changed in zip(run.steps, run.changed, strict=True):
         assert changed == set(run.blocks[step.active].names), f"block {step.active}"
     # Over the first cycle both runs start every step from the same weights.
-    for step, plain_step in zip(run.steps[: len(run.blocks)], plain.steps, strict=False):
-        assert step.grads.keys() == plain_step.grads.keys() == set(run.blocks[step.active].names)
-        for name, grad in step.grads.items():
-            torch.testing.assert_close(grad, plain_step.grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    for step, grads, plain_grads in zip(run.steps[: len(run.blocks)], run.grads, plain.grads, strict=False):
+        assert grads.keys() == plain_grads.keys() == set(run.blocks[step.active].names)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

@@ -255,26 +255,18 @@ def test_the_skip_count_and_its_warning_start_again_with_every_fit() -> None:
         trainer.fit_loop.epoch_loop.max_steps = 2 * UNITS  # a second fit of the same Trainer goes on
 
 
-class Trajectory(Callback):
-    def __init__(self) -> None:
-        self.params: list[dict[str, Tensor]] = []
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
-        self.params.append(_params(pl_module))
-
-
 @pytest.mark.skipif(EMAWeightAveraging is None, reason="EMAWeightAveraging arrived in Lightning 2.6")
 def test_ema_weight_averaging_averages_the_block_wise_trajectory() -> None:
     decay = 0.5
-    trajectory = Trajectory()
+    trajectory = StepRecorder(weights=True)
     module = TinyModule()
     fit(module, HiFTStrategy(), 2 * UNITS, [trajectory, EMAWeightAveraging(decay=decay)])
-    expected = dict(trajectory.params[0])
-    for params in trajectory.params[1:]:
+    expected = dict(trajectory.weights[0])
+    for params in trajectory.weights[1:]:
         expected = {n: decay * expected[n] + (1 - decay) * p for n, p in params.items()}
     for name, value in module.named_parameters():  # the average replaces the weights when training ends
         assert torch.allclose(value, expected[name], atol=1e-6), name
-    assert not all(torch.equal(expected[n], p) for n, p in trajectory.params[-1].items())
+    assert not all(torch.equal(expected[n], p) for n, p in trajectory.weights[-1].items())
 
 
 def test_barebones_trains_without_logging() -> None:
@@ -353,16 +345,9 @@ def test_reduce_lr_on_plateau_is_left_to_lightning() -> None:
             config = {"scheduler": scheduler, "monitor": "train_loss", "interval": "step"}
             return {"optimizer": optimizer, "lr_scheduler": config}
 
-    class Rates(Callback):
-        def __init__(self) -> None:
-            self.lrs: list[float] = []
-
-        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
     rates = []
     for strategy in (HiFTStrategy(), "auto"):
-        recorder = Rates()
+        recorder = StepRecorder()
         _trainer(strategy=strategy, callbacks=[recorder]).fit(Plateau(lr=0.1))
         rates.append(recorder.lrs)
     assert rates[0] == rates[1]

@@ -39,16 +39,6 @@ class Scheduled(ResumableTinyModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class Rates(Callback):
-    """The learning rate of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
-
-
 def run(
     schedule: str,
     strategy: Any,
@@ -59,14 +49,14 @@ def run(
 ) -> Any:
     seed_everything(0)
     module = Scheduled(schedule)
-    rates = Rates()
+    rates = StepRecorder()
     every: list[Callback] = [rates, *callbacks]
     if tmp_path is not None:
         every.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13, save_top_k=-1, filename="{step}"))
     options = {"max_steps": TOTAL, "enable_checkpointing": tmp_path is not None} | kwargs
     trainer = quiet_trainer(strategy=strategy, callbacks=every, **options)
     trainer.fit(module, ckpt_path=ckpt)
-    return rates.lrs, {n: p.detach().clone() for n, p in module.named_parameters()}, trainer
+    return rates.update_lrs, {n: p.detach().clone() for n, p in module.named_parameters()}, trainer
 
 
 @pytest.mark.integration
@@ -111,29 +101,21 @@ def test_stepping_the_schedule_ahead_raises_no_warning_about_the_order() -> None
 # --- lr_scale: what an update multiplies the configured rates by ---------------------------------------------------
 
 
-class UpdateSizes(Callback):
-    """For every optimizer step: the rate the optimizer holds before the step, inside it (where the update's hooks
-    run) and after it, and the step length of the update, |delta| / |grad| over the parameters that had gradients."""
+class UpdateSizes(StepRecorder):
+    """StepRecorder's rates before each step (``lrs``) and inside it, where the update's hooks run (``update_lrs``);
+    the rate after it, and the step length of the update, |delta| / |grad| over the parameters that had gradients."""
 
     def __init__(self) -> None:
-        self.before: list[float] = []
-        self.inside: list[float] = []
+        super().__init__(grads=True)
         self.after: list[float] = []
         self.lengths: list[float] = []
-        self._start: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.before.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.inside.append(optimizer.param_groups[0]["lr"])
-        self._start = [(p, p.detach().clone(), p.grad.clone()) for p in pl_module.parameters() if p.grad is not None]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
         self.after.append(trainer.optimizers[0].param_groups[0]["lr"])
-        moved = torch.cat([(start - p.detach()).flatten() for p, start, _ in self._start])
-        grads = torch.cat([grad.flatten() for _, _, grad in self._start])
-        self.lengths.append(float(moved.norm() / grads.norm()))
+        grads, params = self.grads[-1], dict(pl_module.named_parameters())
+        moved = torch.cat([(self._before[n] - params[n].detach()).flatten() for n in grads])
+        self.lengths.append(float(moved.norm() / torch.cat([g.flatten() for g in grads.values()]).norm()))
 
 
 def sgd_run(strategy: Any, steps: int = 12) -> UpdateSizes:
@@ -152,8 +134,8 @@ def test_each_update_runs_at_the_configured_rate_times_lr_scale(lr_scale: Any, f
     assert sizes.lengths == pytest.approx([0.01 * factor] * 12, rel=1e-3)
     # The optimizer holds the configured rate before and after each update, so schedulers, LearningRateMonitor and
     # checkpoints only ever see it; the hooks inside the update see the rate it uses.
-    assert sizes.before == sizes.after == [0.01] * 12
-    assert sizes.inside == pytest.approx([0.01 * factor] * 12)
+    assert sizes.lrs == sizes.after == [0.01] * 12
+    assert sizes.update_lrs == pytest.approx([0.01 * factor] * 12)
 
 
 def test_lr_scale_leaves_the_schedule_as_configured() -> None:
@@ -207,10 +189,10 @@ class Frequency(ResumableTinyModule):
 
 def run_module(module: Any, strategy: Any, **kwargs: Any) -> tuple[list[float], Trainer]:
     seed_everything(0)
-    rates = Rates()
+    rates = StepRecorder()
     trainer = quiet_trainer(strategy=strategy, callbacks=[rates, *kwargs.pop("callbacks", [])], **kwargs)
     trainer.fit(module, ckpt_path=kwargs.pop("ckpt_path", None))
-    return rates.lrs, trainer
+    return rates.update_lrs, trainer
 
 
 @pytest.mark.parametrize("frequency", [2, 3])
@@ -325,10 +307,10 @@ class TensorRate(Scheduled):
 def test_a_rate_held_in_a_tensor_is_averaged_and_scaled_like_a_number() -> None:
     numbers, _, _ = run("warmup-linear", HiFTStrategy())
     seed_everything(0)
-    rates = Rates()
+    rates = StepRecorder()
     trainer = quiet_trainer(strategy=HiFTStrategy(), max_steps=TOTAL, callbacks=[rates])
     trainer.fit(TensorRate("warmup-linear"))
-    assert [float(rate) for rate in rates.lrs] == pytest.approx(numbers, rel=1e-6)  # float32 tensor against floats
+    assert rates.update_lrs == pytest.approx(numbers, rel=1e-6)  # float32 tensor against floats
     assert isinstance(trainer.optimizers[0].param_groups[0]["lr"], torch.Tensor)
 
 

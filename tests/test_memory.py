@@ -14,7 +14,7 @@ from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory import GIB, estimate_memory, estimate_per_rank, snapshot
 from lightning_hift.memory.__main__ import main
 from tests.helpers.lightning import Callback, HiFTCallback, HiFTStrategy, LightningModule, Trainer
-from tests.helpers.modules import TinyModule, fit
+from tests.helpers.modules import StepRecorder, TinyModule, fit
 
 
 def gib(n: int) -> float:
@@ -167,20 +167,8 @@ def test_command_line_prints_the_table(capsys: pytest.CaptureFixture[str]) -> No
     assert "50.21" in out and "25.86" in out
 
 
-class SnapshotBeforeSwitch(Callback):
-    """Placed before HiFTCallback, so it sees the trained block's grads and state before the switch."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, Any]] = []
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        strategy = trainer.strategy
-        assert isinstance(strategy, HiFTStrategy) and strategy.active_block is not None
-        self.rows.append((strategy.active_block, snapshot(strategy)))
-
-
 def test_snapshot_after_every_step_is_the_active_block_and_agrees_with_the_planner() -> None:
-    probe = SnapshotBeforeSwitch()
+    probe = StepRecorder(memory=True)  # before HiFTCallback: the trained block's grads and state before the switch
     module = TinyModule(optimizer="adamw")
     trainer = fit(module, HiFTStrategy(), max_steps=8, callbacks=[probe, HiFTCallback()])
     strategy = trainer.strategy
@@ -188,7 +176,8 @@ def test_snapshot_after_every_step_is_the_active_block_and_agrees_with_the_plann
     sizes = [block.numel() for block in strategy.blocks]
     total = sum(sizes)
     estimate = estimate_memory(module, "32-true", "adamw", prefetch=False)  # nothing is prefetched on a CPU
-    for step, (active, taken) in enumerate(probe.rows):
+    assert len(probe.memory) == 8
+    for step, (active, taken) in enumerate(zip(probe.active, probe.memory, strict=True)):
         assert taken.get("grads", "device") == 4 * sizes[active]
         assert taken.get("optimizer_state", "device") == 8 * sizes[active]
         trained_before = set(range(min(step, len(sizes)))) - {active}

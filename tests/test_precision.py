@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_hift.memory import snapshot
 from lightning_hift.precision import MAX_LOSS_SCALE, LossScaler
 from tests.helpers.lightning import (
     Callback,
@@ -59,28 +58,17 @@ class BlowUpAt(TinyModule):
         return loss * float("inf") if self.trainer.global_step == self.blow_up_at else loss
 
 
-class StateRecorder(Callback):
-    def __init__(self) -> None:
-        self.state: list[dict[str, Tensor]] = []
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        optimizer = trainer.optimizers[0]
-        self.state.append(
-            {f"{id(p)}.{k}": v.clone() for p, s in optimizer.state.items() for k, v in s.items() if k != "step"}
-        )
-
-
 @pytest.mark.parametrize("precision", ["16-true", "fp16-amp"])
 def test_an_overflowing_step_changes_nothing(precision: str) -> None:
-    recorder, states = StepRecorder(), StateRecorder()
+    recorder = StepRecorder(state=True)
     kwargs: dict[str, Any] = {"plugins": [cpu_fp16_amp()]} if precision == "fp16-amp" else {"precision": precision}
     # A single block, so that the block that overflows also has optimizer state from the step before.
     strategy = HiFTStrategy(layers_per_block=UNITS)
-    fit(BlowUpAt(step=3), strategy, 6, [states, recorder, HiFTCallback()], **kwargs)
+    fit(BlowUpAt(step=3), strategy, 6, [recorder, HiFTCallback()], **kwargs)
     assert recorder.changed[3] == set()
-    assert states.state[3].keys() == states.state[2].keys()
-    for key, value in states.state[3].items():
-        assert torch.equal(value, states.state[2][key]), key
+    assert recorder.state[3].keys() == recorder.state[2].keys()
+    for key, value in recorder.state[3].items():
+        assert torch.equal(value, recorder.state[2][key]), key
     assert recorder.changed[4], "training goes on after the skipped step"
 
 
@@ -126,8 +114,7 @@ def test_after_the_fit_no_hift_object_holds_memory_and_a_saved_checkpoint_keeps_
     assert [ref() for ref in seen["objects"]] == [None, None, None]
     trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
     checkpoint = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)
-    (hift_state,) = [state for key, state in checkpoint["callbacks"].items() if "HiFTCallback" in key]
-    saved = hift_state["masters"]["masters"]
+    saved = checkpoint["hift_masters"]["masters"]  # the strategy's own entry
     assert len(saved) == len(seen["masters"])
     assert all(torch.equal(a, b) for a, b in zip(saved, seen["masters"], strict=True))
 
@@ -190,17 +177,11 @@ def test_bf16_masters_accumulate_updates_that_bf16_weights_alone_lose() -> None:
 
 
 def test_snapshot_places_masters_like_optimizer_state() -> None:
-    rows: list[tuple[int, Any]] = []
-
-    class Probe(Callback):
-        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-            strategy = trainer.strategy
-            assert isinstance(strategy, HiFTStrategy) and strategy.active_block is not None
-            rows.append((strategy.active_block, snapshot(strategy)))
-
-    trainer = fit(TinyModule(), HiFTStrategy(), UNITS, [Probe(), HiFTCallback()], precision="bf16-true")
+    recorder = StepRecorder(memory=True)
+    trainer = fit(TinyModule(), HiFTStrategy(), UNITS, [recorder, HiFTCallback()], precision="bf16-true")
     sizes = [block.numel() for block in trainer.strategy.blocks]  # type: ignore[attr-defined]
-    for active, taken in rows:
+    assert len(recorder.memory) == UNITS
+    for active, taken in zip(recorder.active, recorder.memory, strict=True):
         assert taken.get("masters", "device") == 4 * sizes[active]
         assert taken.get("masters", "host") == 4 * (sum(sizes) - sizes[active])
         assert taken.get("params", "device") == 2 * sum(sizes)

@@ -18,7 +18,7 @@ from lightning_hift.optim_state import OptimizerStatePlacement
 from lightning_hift.transfer import HOST
 from tests.helpers.distributed import StopAt
 from tests.helpers.lightning import Callback, HiFTStrategy, ModelCheckpoint, Trainer, seed_everything
-from tests.helpers.modules import ResumableTinyModule, quiet_trainer
+from tests.helpers.modules import ResumableTinyModule, StepRecorder, quiet_trainer
 
 TOTAL, CUT = 22, 10  # 16 batches an epoch, 6 blocks a cycle: step 10 is mid-epoch and mid-cycle
 CKPT = f"step={CUT}.ckpt"
@@ -164,8 +164,7 @@ def test_a_bf16_checkpoint_resumed_in_full_precision_starts_from_its_fp32_master
     checkpoint = torch.load(tmp_path / "saved" / CKPT, weights_only=True)
     probe = FirstTrainedValues()
     train(tmp_path / "resumed", {"precision": "32-true"}, ckpt_path=tmp_path / "saved" / CKPT, callbacks=[probe])
-    (hift_state,) = [state for key, state in checkpoint["callbacks"].items() if "HiFTCallback" in key]
-    masters = hift_state["masters"]["masters"]
+    masters = checkpoint["hift_masters"]["masters"]
     assert all(torch.equal(value, master) for value, master in zip(probe.values, masters, strict=True))
     assert not all(torch.equal(m, m.bfloat16().float()) for m in masters)  # finer than the bf16 weights
 
@@ -231,14 +230,6 @@ class SlowSteps(Callback):
         time.sleep(0.2)
 
 
-class Rates(Callback):
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
-
-
 def fit_once(
     folder: Path,
     lr_update: str,
@@ -251,7 +242,7 @@ def fit_once(
     ``checkpoint`` (by default Lightning's: at every epoch end, and the last) into ``folder``."""
     seed_everything(11)
     module = Validated(schedule=(4, 32))
-    rates = Rates()
+    rates = StepRecorder()
     checkpoint = checkpoint or ModelCheckpoint(dirpath=folder, save_top_k=-1, save_last=True)
     trainer = quiet_trainer(
         strategy=HiFTStrategy(lr_update=lr_update),
@@ -260,7 +251,7 @@ def fit_once(
         **({"max_steps": TOTAL, "limit_val_batches": 1} | options),
     )
     trainer.fit(module, ckpt_path=ckpt_path)
-    return {name: p.detach().clone() for name, p in module.named_parameters()}, rates.lrs, trainer
+    return {name: p.detach().clone() for name, p in module.named_parameters()}, rates.update_lrs, trainer
 
 
 @pytest.mark.integration

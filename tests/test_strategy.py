@@ -90,30 +90,18 @@ def test_random_order_depends_on_the_seed_only() -> None:
     assert active(1) != active(2)
 
 
-class GradRecorder(Callback):
-    """The active block and the root mean square of its gradient, as each optimizer step is about to apply it."""
-
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, float]] = []
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: pl.LightningModule, optimizer: object) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        squares = sum(float(g.square().sum()) for g in grads)
-        rms = (squares / sum(g.numel() for g in grads)) ** 0.5
-        self.steps.append((trainer.strategy.active_block, rms))  # type: ignore[attr-defined]
-
-
 def test_grad_norm_order_trains_the_blocks_it_draws_from_the_measured_gradients() -> None:
-    recorder, grads = StepRecorder(), GradRecorder()
+    recorder = StepRecorder(grads=True)
     steps = 5 * UNITS
-    trainer = fit(TinyModule(), HiFTStrategy(order="grad_norm", seed=3), steps, callbacks=[recorder, grads])
+    trainer = fit(TinyModule(), HiFTStrategy(order="grad_norm", seed=3), steps, callbacks=[recorder])
     blocks = block_names(trainer)
-    for active, changed in zip(recorder.active, recorder.changed, strict=True):
-        assert active is not None and changed == blocks[active]
+    for active, changed, grads in zip(recorder.active, recorder.changed, recorder.grads, strict=True):
+        assert active is not None and changed == grads.keys() == blocks[active]  # the update had the active block's
     assert recorder.active[:UNITS] == list(range(UNITS))  # the first cycle measures every block, bottom-up
-    assert [active for active, _ in grads.steps] == recorder.active
     hift = trainer.strategy.callback  # type: ignore[attr-defined]
-    last = {block: rms for block, rms in grads.steps}  # each block's most recent measurement
+    rms = [(sum(float(g.square().sum()) for g in grads.values()) / sum(g.numel() for g in grads.values())) ** 0.5
+           for grads in recorder.grads]  # fmt: skip
+    last = dict(zip(recorder.active, rms, strict=True))  # each block's most recent measurement
     assert hift.order.grad_rms == pytest.approx([last[block] for block in range(UNITS)], rel=1e-5)
     # Later cycles are draws with replacement, not permutations (true for this seed).
     assert any(sorted(recorder.active[i : i + UNITS]) != list(range(UNITS)) for i in range(UNITS, steps, UNITS))

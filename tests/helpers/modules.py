@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from transformers.optimization import Adafactor
 
+from lightning_hift.memory import snapshot
 from tests.helpers.lightning import Callback, LightningModule, Trainer
 from tests.helpers.tiny_models import TinyMLPStack
 
@@ -156,34 +157,64 @@ def quiet_trainer(**kwargs: Any) -> Trainer:
 
 
 class StepRecorder(Callback):
-    """Records, for every micro-batch, the active block, the learning rate and which parameters changed."""
+    """Records what each micro-batch did, in lists with one entry a micro-batch: ``lrs``, the first param group's
+    rate as the batch starts; ``changed``, the names of the parameters it changed; ``stepped``, whether the optimizer
+    stepped; under a HiFT strategy ``active``, the active block, and after the batch ``places``, where each block's
+    optimizer state rests, and ``has_state``, whether it has any. ``update_lrs`` has one entry per update: the rate
+    the optimizer steps at (under HiFT the configured rate times ``lr_scale``), a number even where it is a tensor.
 
-    def __init__(self) -> None:
+    Where asked: ``grads``, each parameter's gradient as the update is about to apply it, by name ({} where no update
+    ran); ``weights``, the parameters after the batch, by name; ``state``, the optimizer's state tensors after the batch
+    (step counters left out); ``memory``, the strategy's :func:`~lightning_hift.memory.snapshot` after the batch
+    (placed before HiFTCallback, it sees the trained block's gradients and state before the switch).
+    """
+
+    def __init__(self, grads: bool = False, weights: bool = False, state: bool = False, memory: bool = False) -> None:
+        self.keep = {"grads": grads, "weights": weights, "state": state, "memory": memory}
         self.active: list[int | None] = []
-        self.lrs: list[float] = []
+        self.lrs: list[Any] = []
+        self.update_lrs: list[Any] = []
         self.changed: list[set[str]] = []
         self.stepped: list[bool] = []
         self.places: list[list[str]] = []
         self.has_state: list[list[bool]] = []
+        self.grads: list[dict[str, Tensor]] = []
+        self.weights: list[dict[str, Tensor]] = []
+        self.state: list[dict[str, Tensor]] = []
+        self.memory: list[Any] = []
         self._before: dict[str, Tensor] = {}
         self._step = 0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.active.append(trainer.strategy.active_block)  # type: ignore[attr-defined]
+        self.active.append(getattr(trainer.strategy, "active_block", None))
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
         self._before = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
         self._step = trainer.global_step
+        if self.keep["grads"]:
+            self.grads.append({})
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        self.update_lrs.append(float(lr) if isinstance(lr, Tensor) else lr)
+        if self.keep["grads"]:
+            self.grads[-1] = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self.changed.append(
-            {name for name, p in pl_module.named_parameters() if not torch.equal(p, self._before[name])}
-        )
+        params = dict(pl_module.named_parameters())
+        self.changed.append({name for name, p in params.items() if not torch.equal(p, self._before[name])})
         self.stepped.append(trainer.global_step != self._step)
-        strategy = trainer.strategy
-        blocks = strategy.blocks  # type: ignore[attr-defined]
-        self.places.append([strategy.placement.where(b) for b in blocks])  # type: ignore[attr-defined]
+        strategy: Any = trainer.strategy
         state = trainer.optimizers[0].state
-        self.has_state.append([all(state.get(p) for p in b.params) for b in blocks])
+        if hasattr(strategy, "blocks"):
+            self.places.append([strategy.placement.where(b) for b in strategy.blocks])
+            self.has_state.append([all(state.get(p) for p in b.params) for b in strategy.blocks])
+        if self.keep["weights"]:
+            self.weights.append({name: p.detach().clone() for name, p in params.items()})
+        if self.keep["state"]:
+            kept = {f"{id(p)}.{k}": v.clone() for p, s in state.items() for k, v in s.items() if k != "step"}
+            self.state.append(kept)
+        if self.keep["memory"]:
+            self.memory.append(snapshot(strategy))
 
 
 class SkipOnce(Sampler[int]):
