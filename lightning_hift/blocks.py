@@ -37,7 +37,11 @@ class Block:
 
 
 def partition(
-    model: nn.Module, layers_per_block: int = 1, layers: LayersSpec = None, frozen: Sequence[str] | None = ()
+    model: nn.Module,
+    layers_per_block: int = 1,
+    layers: LayersSpec = None,
+    frozen: Sequence[str] | None = (),
+    units: Sequence[Unit] | None = None,
 ) -> list[Block]:
     """Cut the trainable parameters of ``model`` into blocks of ``layers_per_block`` consecutive units.
 
@@ -48,6 +52,7 @@ def partition(
         layers: Where the repeated layers are; see :func:`lightning_hift.units.find_units`.
         frozen: ``fnmatch`` patterns of parameter names that are never trained, e.g. ``["*.embed_tokens.*"]``;
             see :func:`check_frozen`. A tied weight is frozen when a pattern matches any of its names.
+        units: ``find_units(model, layers)`` when it is known already (``layers`` is then not read).
 
     Returns:
         The blocks, input side first. Parameters with ``requires_grad=False`` or named by ``frozen`` are left
@@ -72,7 +77,7 @@ def partition(
     patterns = check_frozen(frozen)
     params = dict(model.named_parameters())
     frozen_names = _frozen_names(model, patterns)
-    units = [_trainable(unit, params, frozen_names) for unit in find_units(model, layers)]
+    units = [_trainable(unit, params, frozen_names) for unit in (units or find_units(model, layers))]
     units = [unit for unit in units if unit.param_names]
     if not units:
         raise HiFTConfigError(_nothing_to_train(params, patterns))

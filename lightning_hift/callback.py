@@ -16,7 +16,6 @@ from lightning_hift.lr import DelayedLR
 from lightning_hift.memory import snapshot
 from lightning_hift.orders import BlockOrder, make_order
 from lightning_hift.packages import lightning_classes
-from lightning_hift.precision import MasterWeights
 from lightning_hift.strategy import HiFTStrategyBase
 
 if TYPE_CHECKING:
@@ -44,10 +43,7 @@ class HiFTCallbackBase(_Callback):
         self.steps = 0
         self._last_global_step = 0
         self._loaded: dict[str, Any] | None = None
-        self._masters: MasterWeights | None = None
-        self._final_masters: dict[str, Any] | None = None
-        self._optimizer_state_mode = ""
-        self._layers_per_block: int | str = 0
+        self._recorded: dict[str, Any] = {}
 
     @staticmethod
     def _strategy(trainer: pl.Trainer) -> HiFTStrategyBase:
@@ -71,8 +67,7 @@ class HiFTCallbackBase(_Callback):
                 " or set requires_grad=False before fit."
             )
         if stage == "fit":
-            self.order, self.delayed_lr, self.steps, self._loaded, self._masters = None, None, 0, None, None
-            self._final_masters = None
+            self.order, self.delayed_lr, self.steps, self._loaded = None, None, 0, None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,15 +76,13 @@ class HiFTCallbackBase(_Callback):
         self.order = make_order(strategy.order, len(strategy.blocks), strategy.seed)
         # A tuner's trials follow the tuner's own schedule (lr_find's range test moves the rate every step).
         self.delayed_lr = DelayedLR("step" if tuning else strategy.lr_update)
-        self._masters = strategy.masters
-        self._optimizer_state_mode = strategy.optimizer_state_mode
-        self._layers_per_block = strategy.layers_per_block
+        self._recorded = strategy.settings.recorded()
         self.steps = 0
-        if not tuning:
-            strategy.end_tuning()
         if self._loaded is not None and not tuning:
             self._resume(strategy, self._loaded)
             self._loaded = None
+        if not tuning:
+            strategy.ready_masters()
         self.delayed_lr.attach(trainer, self._steps_left_in_cycle(strategy))
         self._last_global_step = trainer.global_step
         strategy.measure_grads = self.order.observes
@@ -114,16 +107,9 @@ class HiFTCallbackBase(_Callback):
         self.steps = int(state["steps"])
         self.order.load_state_dict(state["order"])
         self.delayed_lr.load_state_dict(state["lr"])
-        saved_masters = state.get("masters")
-        if saved_masters is not None:
-            # Written under half precision: its fp32 masters are the weights' full values.
-            if strategy.masters is not None:
-                strategy.masters.load_state_dict(saved_masters)
-            else:
-                strategy.load_fp32_weights(saved_masters["masters"])
-        # Without saved masters (written at full precision), the masters were made from the checkpoint's fp32 weights.
         mid_slot = self.steps % strategy.switch_every != 0
-        strategy.convert_optimizer_state(state.get("optimizer_state"), self.order.current(), mid_slot)
+        assert strategy.placement is not None
+        strategy.placement.convert(state.get("optimizer_state"), self.order.current(), mid_slot)
 
     @override
     def on_train_batch_end(
@@ -160,11 +146,6 @@ class HiFTCallbackBase(_Callback):
         done = (self.order.position % self.order.num_blocks) * every + self.steps % every
         return self.order.num_blocks * every - done
 
-    def fit_ended(self, masters_state: dict[str, Any] | None) -> None:
-        """Called by the strategy at teardown: keep the masters' values, not the objects that hold device memory."""
-        self._masters = None
-        self._final_masters = masters_state
-
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.delayed_lr is not None:
@@ -182,19 +163,12 @@ class HiFTCallbackBase(_Callback):
             return dict(self._loaded)
         if self.order is None or self.delayed_lr is None:
             return {}
-        state = {
+        # The fp32 masters of a half-precision run are the strategy's, saved by it (lightning_hift.masters).
+        return {
             "steps": self.steps,
             "order": self.order.state_dict(),
             "lr": self.delayed_lr.state_dict(),
-            "optimizer_state": self._optimizer_state_mode,
-            "layers_per_block": self._layers_per_block,
-        }
-        masters = self._masters
-        if masters is not None:
-            state["masters"] = masters.state_dict()
-        elif self._final_masters is not None:  # saved after the fit (trainer.save_checkpoint)
-            state["masters"] = self._final_masters
-        return state
+        } | self._recorded
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ import inspect
 import logging
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -38,7 +38,7 @@ from torch import nn
 
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.packages import private, private_attribute
-from lightning_hift.units import EMBEDDINGS, OUTPUT, LayersSpec, find_units
+from lightning_hift.units import EMBEDDINGS, OUTPUT, LayersSpec, Unit, find_units
 
 Compiler: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
 """A dynamo context as ``torch.compile`` makes it: called on a function, it returns the function compiled."""
@@ -70,12 +70,15 @@ class CompiledByUnit:
             self._undo.pop()()
 
 
-def compile_by_unit(model: nn.Module, layers: LayersSpec = None) -> CompiledByUnit | None:
+def compile_by_unit(
+    model: nn.Module, layers: LayersSpec = None, units: Sequence[Unit] | None = None
+) -> CompiledByUnit | None:
     """If the user compiled a module that holds units, compile each unit on its own instead, for the fit.
 
     Args:
         model: The LightningModule (or any ``nn.Module``) being fitted.
         layers: The strategy's ``layers=``, to cut ``model`` into the same units as its blocks.
+        units: ``find_units(model, layers)`` when it is known already (``layers`` is then not read).
 
     Returns:
         What was changed (undo it with :meth:`CompiledByUnit.restore`), or ``None`` when nothing compiled holds a
@@ -87,13 +90,13 @@ def compile_by_unit(model: nn.Module, layers: LayersSpec = None) -> CompiledByUn
     compiled = {name: module for name, module in model.named_modules() if _compiled_attributes(module)}
     if not compiled:  # the common case: no compilation, nothing to cut the model for
         return None
-    units = _unit_modules(model, layers)
-    holders = {name: module for name, module in compiled.items() if any(_holds(name, unit) for unit in units)}
+    unit_modules = _unit_modules(model, units or find_units(model, layers))
+    holders = {name: module for name, module in compiled.items() if any(_holds(name, unit) for unit in unit_modules)}
     if not holders:
         return None
     result = CompiledByUnit(units=[])
     compilers = {name: _run_eagerly(module, result._undo) for name, module in holders.items()}
-    for name, unit in units.items():
+    for name, unit in unit_modules.items():
         if _compiled_attributes(unit):
             continue  # the user compiled this unit already: it is a region of its own
         holder = max((holder for holder in compilers if _holds(holder, name)), key=len)  # the innermost one's options
@@ -109,10 +112,10 @@ def compile_by_unit(model: nn.Module, layers: LayersSpec = None) -> CompiledByUn
     return result
 
 
-def _unit_modules(model: nn.Module, layers: LayersSpec) -> dict[str, nn.Module]:
+def _unit_modules(model: nn.Module, units: Sequence[Unit]) -> dict[str, nn.Module]:
     """The units that are modules (the layers), by name; the embeddings and the output end are sets of parameters."""
     modules = dict(model.named_modules())
-    names = [unit.name for unit in find_units(model, layers) if unit.name not in (EMBEDDINGS, OUTPUT)]
+    names = [unit.name for unit in units if unit.name not in (EMBEDDINGS, OUTPUT)]
     return {name: modules[name] for name in names if name in modules}
 
 

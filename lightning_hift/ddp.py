@@ -46,7 +46,8 @@ from lightning_hift.optim_state import OptimizerStateMode
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import private_attribute
 from lightning_hift.precision import MasterWeights
-from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.settings import HiFTSettings, OnNonfinite, document
+from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.transfer import Transfer
 from lightning_hift.units import LayersSpec
 
@@ -172,20 +173,27 @@ class GradientAverager:
 
 
 class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
-    """HiFT on several devices or machines: Lightning's DDP processes, without the DDP wrapper.
+    __doc__: str | None = document(
+        """HiFT on several devices or machines: Lightning's DDP processes, without the DDP wrapper.
 
-    Use it like ``strategy="ddp"``: ``Trainer(strategy="hift_ddp", devices=8, num_nodes=2)``, launched by Lightning,
-    torchrun or SLURM. Each process trains the same block on its share of the batch; only that block's gradients
-    are averaged. The HiFT arguments are those of :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process
-    must get the same values.
-
-    Args:
-        bucket_cap_mb: the largest all-reduce bucket, in MiB (DDP's default is 25).
-        start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what
-            torchrun and SLURM use), ``"spawn"`` or ``"fork"``.
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin, process_group_backend,
-            timeout: as for Lightning's ``DDPStrategy``.
-    """
+        Use it like ``strategy="ddp"``: ``Trainer(strategy="hift_ddp", devices=8, num_nodes=2)``, launched by
+        Lightning, torchrun or SLURM. Each process trains the same block on its share of the batch; only that
+        block's gradients are averaged. Every process must get the same HiFT arguments.""",
+        {
+            "bucket_cap_mb": "the largest all-reduce bucket, in MiB (DDP's default is 25).",
+            "start_method": """how Lightning starts the processes: ``"popen"`` (runs the script again; also what
+        torchrun and SLURM use), ``"spawn"`` or ``"fork"``.""",
+        },
+        (
+            "accelerator",
+            "parallel_devices",
+            "cluster_environment",
+            "checkpoint_io",
+            "precision_plugin",
+            "process_group_backend",
+            "timeout",
+        ),
+    )
 
     strategy_name = "hift_ddp"
 
@@ -216,17 +224,7 @@ class DDPHiFT(HiFTStrategyBase, _DDPStrategy):
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
             raise HiFTConfigError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}.")
         super().__init__(
-            layers_per_block=layers_per_block,
-            order=order,
-            seed=seed,
-            switch_every=switch_every,
-            optimizer_state=optimizer_state,
-            lr_update=lr_update,
-            layers=layers,
-            frozen=frozen,
-            on_nonfinite=on_nonfinite,
-            lr_scale=lr_scale,
-            memory_budget=memory_budget,
+            HiFTSettings.of(locals()),
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,

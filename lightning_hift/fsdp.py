@@ -37,13 +37,15 @@ from typing_extensions import override
 from lightning_hift import lr
 from lightning_hift.ddp import broadcast_from_first
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.masters import MASTERS_KEY, saved_masters
 from lightning_hift.optim_state import OptimizerStateMode, gather_to_first, local, rewrap, shard_like
 from lightning_hift.orders import OrderName
 from lightning_hift.packages import lightning_classes, private, private_attribute
 from lightning_hift.precision import SHARDED_PRECISIONS, MasterWeights, all_finite
-from lightning_hift.strategy import HiFTStrategyBase, OnNonfinite
+from lightning_hift.settings import HiFTSettings, OnNonfinite, document
+from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.transfer import Transfer
-from lightning_hift.units import LayersSpec, find_units
+from lightning_hift.units import LayersSpec, Unit, find_units
 
 _BROADCAST_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket
 _METADATA_FILENAME = "meta.pt"  # beside the shards: what Lightning's loader recognises a sharded checkpoint by
@@ -59,23 +61,23 @@ else:
 
 
 class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
-    """HiFT on several processes with the model sharded by FSDP2: ``Trainer(strategy="hift_fsdp", devices=8)``.
+    __doc__: str | None = document(
+        """HiFT on several processes with the model sharded by FSDP2: ``Trainer(strategy="hift_fsdp", devices=8)``.
 
-    Each process trains the same block on its share of the batch; the block's gradients are reduce-scattered, so
-    every process steps its own shard. The HiFT arguments are those of
-    :class:`~lightning_hift.strategy.HiFTStrategyBase`; every process must get the same values. Precision
-    ``"32-true"``, ``"bf16-true"`` (bf16 weights, sharded fp32 masters of the active block, gradients summed in fp32)
-    or ``"bf16-mixed"``.
-
-    Args:
-        start_method: how Lightning starts the processes: ``"popen"`` (runs the script again; also what torchrun
-            and SLURM use), ``"spawn"`` or ``"fork"``.
-        save_distributed_checkpoint: ``False`` (the default): process 0 writes one consolidated checkpoint, which
-            loads anywhere (``hift``, ``hift_ddp``, plain Lightning) but is gathered whole to be written. ``True``:
-            every process writes its shards into a folder (torch.distributed.checkpoint), for models too large to
-            gather; it resumes under ``hift_fsdp``.
-        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
-    """
+        Each process trains the same block on its share of the batch; the block's gradients are reduce-scattered, so
+        every process steps its own shard. Every process must get the same HiFT arguments. Precision ``"32-true"``,
+        ``"bf16-true"`` (bf16 weights, sharded fp32 masters of the active block, gradients summed in fp32) or
+        ``"bf16-mixed"``.""",
+        {
+            "start_method": """how Lightning starts the processes: ``"popen"`` (runs the script again; also what
+        torchrun and SLURM use), ``"spawn"`` or ``"fork"``.""",
+            "save_distributed_checkpoint": """``False`` (the default): process 0 writes one consolidated
+        checkpoint, which loads anywhere (``hift``, ``hift_ddp``, plain Lightning) but is gathered whole to be
+        written. ``True``: every process writes its shards into a folder (torch.distributed.checkpoint), for models
+        too large to gather; it resumes under ``hift_fsdp``.""",
+        },
+        ("process_group_backend", "timeout"),
+    )
 
     strategy_name = "hift_fsdp"
     _shards_weights = True
@@ -104,17 +106,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                 f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}."
             )
         super().__init__(
-            layers_per_block=layers_per_block,
-            order=order,
-            seed=seed,
-            switch_every=switch_every,
-            optimizer_state=optimizer_state,
-            lr_update=lr_update,
-            layers=layers,
-            frozen=frozen,
-            on_nonfinite=on_nonfinite,
-            lr_scale=lr_scale,
-            memory_budget=memory_budget,
+            HiFTSettings.of(locals()),
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -155,7 +147,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
             if not _on_meta(self.model):
                 weights = [t.data for t in (*self.model.parameters(), *self.model.buffers())]
                 broadcast_from_first(weights, self.root_device, _BROADCAST_BUCKET_BYTES)
-            shard_by_unit(self.model, self.device_mesh["data_parallel"], self.layers)
+            shard_by_unit(self.model, self.device_mesh["data_parallel"], units=self._units())
         materialize = private(f"{_fabric_of(self)}.utilities.init", "_materialize_distributed_module")
         materialize(self.model, self.root_device)
 
@@ -171,7 +163,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            return self._load_shards(path, weights_only)
+            return self._take_masters(self._load_shards(path, weights_only))
         assert self.model is not None and self.lightning_module is not None
         checkpoint: dict[str, Any] = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         load_module_state = private(f"{_fabric_of(self)}.strategies.model_parallel", "_load_raw_module_state")
@@ -199,7 +191,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                     optimizer.state.pop(p, None)
             if self.placement is not None:
                 self.placement.settle()
-        return checkpoint
+        return self._take_masters(checkpoint)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -214,11 +206,12 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         path.mkdir(parents=True, exist_ok=True)
         # Every process writes its shards of the weights, of the optimizer state (by index) and of the fp32 masters;
         # process 0 writes the rest (loops, callbacks, hyperparameters) beside them.
+        self._add_masters(checkpoint)
         shards = {"state_dict": checkpoint.pop("state_dict")}
         shards.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        masters = _masters_state(checkpoint)
-        if masters is not None:
-            shards["hift_masters"] = dict(enumerate(masters.pop("masters")))
+        if checkpoint.get(MASTERS_KEY):  # the masters as shards; the loss scale stays in the checkpoint
+            masters = checkpoint[MASTERS_KEY] = dict(checkpoint[MASTERS_KEY])
+            shards[MASTERS_KEY] = dict(enumerate(masters.pop("masters")))
         dcp.save(shards, checkpoint_id=path)
         if self.global_rank == 0:
             torch.save(checkpoint, path / _METADATA_FILENAME)
@@ -250,19 +243,19 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                         raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="optimizer state"))
                     state.setdefault(int(index), {})[name] = _room_for(meta, params[int(index)])
             wanted["optimizer_0"] = {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
-        if self.masters is not None and any(key.startswith("hift_masters.") for key in saved):
+        if self.masters is not None and any(key.startswith(f"{MASTERS_KEY}.") for key in saved):
             masters = [m for block in self.blocks for m in self.masters.masters(block)]
-            if sum(key.startswith("hift_masters.") for key in saved) != len(masters):
+            if sum(key.startswith(f"{MASTERS_KEY}.") for key in saved) != len(masters):
                 raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="fp32 master weights"))
-            wanted["hift_masters"] = {i: _room_for(saved[f"hift_masters.{i}"], m) for i, m in enumerate(masters)}
+            wanted[MASTERS_KEY] = {i: _room_for(saved[f"{MASTERS_KEY}.{i}"], m) for i, m in enumerate(masters)}
         dcp.load(wanted, checkpoint_id=path)
         if "optimizer_0" in wanted:
             assert self.placement is not None
             self.placement.load(wanted["optimizer_0"])
         checkpoint: dict[str, Any] = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
-        masters_state = _masters_state(checkpoint)
-        if masters_state is not None and "hift_masters" in wanted:
-            masters_state["masters"] = list(wanted["hift_masters"].values())  # in block order, as saved
+        masters_state = saved_masters(checkpoint)
+        if masters_state is not None and MASTERS_KEY in wanted:
+            masters_state["masters"] = list(wanted[MASTERS_KEY].values())  # in block order, as saved
         return checkpoint
 
     @override
@@ -336,7 +329,7 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
         cls._register_presets(strategy_registry, {"hift_fsdp": {}, "hift_fsdp_spawn": {"start_method": "spawn"}})
 
 
-def shard_by_unit(model: nn.Module, mesh: Any, layers: LayersSpec = None) -> None:
+def shard_by_unit(model: nn.Module, mesh: Any, layers: LayersSpec = None, units: Sequence[Unit] | None = None) -> None:
     """``fully_shard`` every HiFT unit of ``model`` that owns its parameters alone, then ``model`` itself: how
     ``hift_fsdp`` shards a module that did not shard itself. Call it from ``configure_model`` to shard a
     LightningModule the same way for Lightning's ``ModelParallelStrategy``.
@@ -350,12 +343,13 @@ def shard_by_unit(model: nn.Module, mesh: Any, layers: LayersSpec = None) -> Non
         model: the module to shard (its weights the same on every process).
         mesh: a 1-D device mesh (``strategy.device_mesh["data_parallel"]``).
         layers: HiFT's ``layers`` argument, for models it cannot cut on its own.
+        units: ``find_units(model, layers)`` when it is known already (``layers`` is then not read).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     owners = _owners(model)
-    for unit in find_units(model, layers):
+    for unit in units or find_units(model, layers):
         modules = _unit_modules(model, unit.param_names)
         inside = {id(m) for module in modules for m in module.modules()}
         if modules and all(owners[id(p)] <= inside for m in modules for p in m.parameters()):
@@ -521,15 +515,6 @@ def _init_fsdp_now(model: nn.Module) -> None:
 def _by_index(optimizer: Optimizer) -> list[Tensor]:
     """The optimizer's parameters in the order its state dict numbers them."""
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _masters_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The fp32 masters' entry of HiFT's callback state in a checkpoint (half precision), if there is one."""
-    for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and isinstance(state.get("masters"), dict):
-            masters: dict[str, Any] = state["masters"]
-            return masters
-    return None
 
 
 def _room_for(meta: Any, like: Tensor) -> Tensor:

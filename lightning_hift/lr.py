@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_hift.errors import HiFTConfigError
@@ -100,6 +101,23 @@ def check_rates(optimizer: Optimizer, factor: float) -> list[int]:
             f" for an optimizer that sizes its steps itself). Give the group a numeric lr."
         )
     return own
+
+
+def factor(scale: LRScale, num_blocks: int) -> float:
+    """What an update multiplies the configured learning rates by: ``lr_scale`` for ``num_blocks`` blocks."""
+    return float(num_blocks) if scale == "blocks" else float(scale)
+
+
+def check_scaled_rates(optimizer: Optimizer, factor: float) -> None:
+    """:func:`check_rates`, and a warning when ``factor`` cannot apply to groups that size their own steps."""
+    own = check_rates(optimizer, factor)
+    if own and factor != 1.0:
+        rank_zero_warn(
+            f"HiFT: {type(optimizer).__name__} sizes its own steps in param groups {own} (lr=None or"
+            " relative_step=True), so lr_scale does not apply to them: each block's step size follows the"
+            " block's own update count. Give those groups a learning rate (relative_step=False, lr=...) for"
+            " lr_scale to take effect, or pass lr_scale=1.0 to silence this warning."
+        )
 
 
 def _is_rate(value: object) -> bool:

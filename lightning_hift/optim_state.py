@@ -22,6 +22,7 @@ from itertools import chain
 from typing import Any, Literal
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -154,6 +155,30 @@ class OptimizerStatePlacement:
                 for key, value in state.items()
             }
         self.settle()
+
+    def convert(self, saved_mode: str | None, active: int, mid_slot: bool) -> None:
+        """Bring state resumed from a run with another ``optimizer_state`` (``saved_mode``) to what this mode keeps.
+
+        Offload and keep hold the same state in different places, so a switch between them is exact. Resumed under
+        "reset", the state of every block but ``active`` in the middle of its turn (``mid_slot``) is dropped. From a
+        "reset" checkpoint, the blocks that were waiting have no state: they start afresh at their next turn.
+        """
+        if saved_mode in (None, self.mode):
+            return
+        if self.mode == "reset":
+            keep = {active} if mid_slot else set()
+            dropped = self.drop([b for b in self.blocks if b.index not in keep])
+            if dropped:
+                rank_zero_warn(
+                    f"HiFT: the checkpoint was written with optimizer_state={saved_mode!r}; resuming with 'reset'"
+                    f" dropped the saved optimizer state of {dropped} blocks, as a 'reset' run would have."
+                )
+        elif saved_mode == "reset":
+            rank_zero_warn(
+                f"HiFT: the checkpoint was written with optimizer_state='reset', which keeps no state for waiting"
+                f" blocks; under {self.mode!r} they start with fresh optimizer state at their next turn and keep it"
+                " from then on."
+            )
 
     def settle(self) -> None:
         """Put every block's state where it rests, after something other than :meth:`load` filled the optimizer's

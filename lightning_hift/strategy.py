@@ -23,28 +23,29 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_hift import lr, optim_state, orders
-from lightning_hift.blocks import Block, check_frozen, partition
+from lightning_hift import lr
+from lightning_hift.blocks import Block, partition
 from lightning_hift.checkpointing import CheckpointInputs, checkpointed
 from lightning_hift.compile import CompiledByUnit, compile_by_unit
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.masters import MastersLifeCycle, fp32_values
 from lightning_hift.memory.budget import (
     ASSUMED_STATE_BYTES,
     BlockSizePlanner,
     default_budget,
     first_batch,
-    parse_budget,
     refusal,
     size,
     state_bytes_per_element,
 )
 from lightning_hift.memory.plan import ACTIVATIONS, MemoryBreakdown
-from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement, copy_whole, local, rewrap
+from lightning_hift.nonfinite import StepGuard
+from lightning_hift.optim_state import OptimizerStateMode, OptimizerStatePlacement, local
 from lightning_hift.orders import OrderName
-from lightning_hift.packages import lightning_classes, private_attribute
-from lightning_hift.precision import LossScaler, MasterWeights, all_finite
-from lightning_hift.transfer import HOST, Transfer
-from lightning_hift.units import LayersSpec, check_layers_spec
+from lightning_hift.packages import private_attribute
+from lightning_hift.settings import ARGS, HiFTSettings, OnNonfinite, Setting, document
+from lightning_hift.transfer import Transfer
+from lightning_hift.units import LayersSpec, Unit, find_units
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -59,46 +60,17 @@ if TYPE_CHECKING:
 else:
     _Strategy = _SingleDeviceStrategy = object
 
-OnNonfinite = Literal["skip", "stop"]
 
-
-class HiFTStrategyBase(_Strategy):
+class HiFTStrategyBase(MastersLifeCycle, StepGuard, _Strategy):
     """The HiFT mechanism, shared by the one-device and the many-process strategies of both Lightning packages.
 
     Concrete strategies put this class before a Lightning strategy in their bases; that strategy provides the
-    devices, processes and collectives, and ``strategy_kwargs`` go to it.
+    devices, processes and collectives, and ``strategy_kwargs`` go to it. The concrete strategies take the HiFT
+    arguments one by one (their docstrings list them) and pass them here as one :class:`HiFTSettings`; each is also
+    an attribute of the strategy (``strategy.order``; ``strategy.optimizer_state_mode`` for ``optimizer_state``).
 
     Args:
-        layers_per_block: units (embeddings, one layer, or the output end) per block.
-        order: ``"bottom2up"``, ``"top2down"``, ``"random"`` (a new seeded permutation every cycle) or
-            ``"grad_norm"`` (after a first bottom-up cycle, blocks drawn in proportion to their last gradient's
-            size, half of each draw uniform; :class:`~lightning_hift.orders.GradNormOrder`).
-        seed: seed of the random and grad_norm orders.
-        switch_every: optimizer steps a block stays active before the next one takes over.
-        optimizer_state: where inactive blocks' optimizer state lives: ``"offload"`` (host memory), ``"reset"``
-            (dropped, recreated at the block's next turn) or ``"keep"`` (stays on the device).
-        lr_update: ``"cycle"`` (each cycle trains at the mean of the rates the schedule gives its steps; the
-            schedulers move as under plain Lightning), ``"stretched"`` (one scheduler step per cycle) or ``"step"``
-            (no delay). See :mod:`lightning_hift.lr`.
-        layers: dotted path(s) to the model's repeated layers, or a callable returning them; found
-            automatically for known Hugging Face families and for any model with one repeated ModuleList.
-        frozen: fnmatch patterns of parameter names never trained.
-        on_nonfinite: what to do when the active block's gradients hold inf or NaN (without loss scaling,
-            which handles overflow itself): ``"skip"`` the step, changing nothing, or ``"stop"`` training with
-            an error. Either way no non-finite value reaches the weights or the optimizer state.
-        lr_scale: what each step multiplies the optimizer's learning rates by: ``"blocks"`` (the number of
-            blocks, k: a block is trained in 1/k of the steps, so a full fine-tuning recipe's rate moves it about
-            as far over a run as full fine-tuning would) or a number (``1.0``: the rates as configured). The
-            schedulers, checkpoints and ``LearningRateMonitor`` keep the configured rates; only the update uses
-            the scaled ones. Param groups whose optimizer sizes its own steps (``lr=None``, Adafactor's
-            ``relative_step=True``) are left as they are, with a warning.
-        memory_budget: device bytes one process may use, as a number or a size such as ``"20GiB"``. With
-            ``layers_per_block="auto"`` the largest block size whose predicted peak fits is chosen at setup from the
-            first training batch (:mod:`lightning_hift.memory.budget`; on CUDA the default budget is the device's
-            memory less 10%); with a number, the run stops before the first step if that block size does not fit.
-
-    ``layers_per_block="auto"`` reads the shape of the first training batch and traces the module's
-    ``training_step`` on fake tensors; a resumed run keeps the block size of the run that wrote the checkpoint.
+        settings: the HiFT arguments.
     """
 
     _shards_weights: ClassVar[bool] = False
@@ -108,52 +80,29 @@ class HiFTStrategyBase(_Strategy):
     callback_class: ClassVar[type[HiFTCallbackBase]]
     """The HiFT callback of the strategy's Lightning package, added to the Trainer when it has none."""
 
-    def __init__(
-        self,
-        layers_per_block: int | Literal["auto"] = 1,
-        order: OrderName = "bottom2up",
-        seed: int = 0,
-        switch_every: int = 1,
-        optimizer_state: OptimizerStateMode = "offload",
-        lr_update: lr.LRUpdate = "cycle",
-        layers: LayersSpec = None,
-        frozen: Sequence[str] | None = (),
-        on_nonfinite: OnNonfinite = "skip",
-        lr_scale: lr.LRScale = "blocks",
-        memory_budget: int | str | None = None,
-        **strategy_kwargs: Any,
-    ) -> None:
-        if layers_per_block != "auto":
-            _check_positive_int("layers_per_block", layers_per_block, "or 'auto'")
-        _check_positive_int("switch_every", switch_every)
-        orders.check_order_name(order)
-        optim_state.check_mode(optimizer_state)
-        lr.check_mode(lr_update)
-        check_layers_spec(layers)
-        if on_nonfinite not in ("skip", "stop"):
-            raise HiFTConfigError(f"Unknown on_nonfinite={on_nonfinite!r}. Choose 'skip' or 'stop'.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise HiFTConfigError(f"seed must be a whole number, got seed={seed!r}.")
-        lr.check_scale(lr_scale)
-        budget = parse_budget(memory_budget)
+    layers_per_block: Setting[int | Literal["auto"]] = Setting()
+    """The block size: ``"auto"`` until a fit has set up, then the chosen whole number."""
+    order: Setting[OrderName] = Setting()
+    seed: Setting[int] = Setting()
+    switch_every: Setting[int] = Setting()
+    optimizer_state_mode: Setting[OptimizerStateMode] = Setting("optimizer_state")
+    lr_update: Setting[lr.LRUpdate] = Setting()
+    layers: Setting[LayersSpec] = Setting()
+    frozen: Setting[tuple[str, ...]] = Setting()
+    on_nonfinite: Setting[OnNonfinite] = Setting()
+    lr_scale: Setting[lr.LRScale] = Setting()
+    memory_budget: Setting[int | None] = Setting()
+    """Device bytes the run may use per process (``memory_budget``), or None."""
+
+    def __init__(self, settings: HiFTSettings, **strategy_kwargs: Any) -> None:
         super().__init__(**strategy_kwargs)
-        self.auto_block_size = layers_per_block == "auto"
-        self.layers_per_block: int | Literal["auto"] = layers_per_block
-        """The block size: ``"auto"`` until a fit has set up, then the chosen whole number."""
-        self.memory_budget = budget
-        """Device bytes the run may use per process (``memory_budget``), or None."""
+        self.settings = settings
+        """The HiFT arguments; ``layers_per_block`` there is the chosen block size once a fit with ``"auto"`` has
+        set up."""
+        self.auto_block_size = settings.layers_per_block == "auto"
         self.memory_estimate: MemoryBreakdown | None = None
         """With ``"auto"`` or a ``memory_budget``, after setup: the predicted device bytes per process the block size
         was chosen (or checked) by."""
-        self.order = order
-        self.seed = seed
-        self.switch_every = switch_every
-        self.optimizer_state_mode = optimizer_state
-        self.lr_update = lr_update
-        self.layers = layers
-        self.frozen = check_frozen(frozen)
-        self.on_nonfinite = on_nonfinite
-        self.lr_scale = lr_scale
         self.skipped_nonfinite = 0
         self.measure_grads = False
         """Whether each update measures the active block's gradient for the order (set by the callback)."""
@@ -162,12 +111,12 @@ class HiFTStrategyBase(_Strategy):
         self.blocks: list[Block] = []
         self.active_block: int | None = None
         self.placement: OptimizerStatePlacement | None = None
-        self.masters: MasterWeights | None = None
+        self._init_masters()
+        self._units_of_fit: list[Unit] | None = None
         self._unfrozen_at_start: list[Tensor] = []
         self._warned_no_grad: set[int] = set()
         self.callback: HiFTCallbackBase | None = None
         self._fit_callbacks: list[Any] | None = None
-        self._masters_before_tuner: list[Tensor] | None = None
         self.checkpoint_inputs = CheckpointInputs()
         self.compiled_by_unit: CompiledByUnit | None = None
 
@@ -176,6 +125,7 @@ class HiFTStrategyBase(_Strategy):
         super().setup_environment()
         _destroy_process_groups_at_exit()
         self._attach_callback()
+        self._masters_to_load = None
 
     def _attach_callback(self) -> None:
         assert self.lightning_module is not None
@@ -205,16 +155,8 @@ class HiFTStrategyBase(_Strategy):
             # fit will: an lr_find over full fine-tuning would suggest a rate for full fine-tuning. Appended, as
             # lr_find reads its results from the first callback.
             callbacks.append(self.callback)
-            if self.masters is not None and self._masters_before_tuner is None:
-                # Lightning restores the weights and optimizer state after the trials, but the masters are HiFT's.
-                self._masters_before_tuner = self.masters.snapshot()
+            self._masters_before_trials()
             self.callback.on_train_start(module.trainer, module)
-
-    def end_tuning(self) -> None:
-        """Put back what a tuner's trials changed and Lightning does not restore (the fp32 masters)."""
-        if self.masters is not None and self._masters_before_tuner is not None:
-            self.masters.restore(self._masters_before_tuner)
-        self._masters_before_tuner = None
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -223,11 +165,10 @@ class HiFTStrategyBase(_Strategy):
         assert self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == "fit"
+        self._units_of_fit = None
         planner = self._block_size_planner(trainer) if fitting else None
         self._prepare_model()
-        # The fp32 values the half-precision conversion is about to round (a user's fp32 model, or a full-precision
-        # checkpoint being resumed): the masters start from them.
-        full_values = _fp32_values(self.model) if fitting and self._converts_to_half() else {}
+        full_values = fp32_values(self.model) if fitting and self._converts_to_half() else {}
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._sync_model_states()
@@ -254,6 +195,13 @@ class HiFTStrategyBase(_Strategy):
                 keys=self.masters.masters if self.masters is not None else None,
                 transfer=transfer,
             )
+
+    def _units(self) -> list[Unit]:
+        """The model's units, found once per setup, for the planner, the sharding, the blocks and the compilation."""
+        if self._units_of_fit is None:
+            assert self.lightning_module is not None
+            self._units_of_fit = find_units(self.lightning_module, self.layers)
+        return self._units_of_fit
 
     def _block_size_planner(self, trainer: pl.Trainer) -> BlockSizePlanner | None:
         """With ``"auto"`` or a budget: read the first training batch and set up the planner (tracing now what a
@@ -291,6 +239,7 @@ class HiFTStrategyBase(_Strategy):
             self.frozen,
             world_size,
             self._shards_weights,
+            self._units(),
         )
         if self._shards_weights:  # the weights are about to be split: trace every block size the model state allows
             budget = self._budget()
@@ -360,60 +309,6 @@ class HiFTStrategyBase(_Strategy):
     def _sync_model_states(self) -> None:
         """Make the weights the same everywhere before training; one process has nothing to do."""
 
-    def _converts_to_half(self) -> bool:
-        return isinstance(self.precision_plugin, lightning_classes("plugins.precision.HalfPrecision"))
-
-    def _half_dtype(self) -> torch.dtype | None:
-        """The dtype ``bf16-true`` / ``16-true`` convert the weights to; None at other precisions."""
-        if not self._converts_to_half():
-            return None
-        return private_attribute(self.precision_plugin, "_desired_input_dtype")
-
-    def _make_masters(self, transfer: Transfer, full_values: Mapping[Tensor, Tensor]) -> MasterWeights | None:
-        # Under "bf16-true" / "16-true" the weights are half precision; the optimizer steps fp32 masters instead.
-        if not self._converts_to_half():
-            return None
-        fp16 = self._half_dtype() == torch.float16
-        scaler = LossScaler() if fp16 else None
-        return MasterWeights(self.blocks, self.optimizers[0], self.root_device, scaler, transfer, full_values)
-
-    def load_fp32_weights(self, values: Sequence[Tensor]) -> None:
-        """Set the blocks' weights, in block order, from fp32 values (a half-precision run's masters)."""
-        params = [p for block in self.blocks for p in block.params]
-        if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params, strict=False)):
-            raise HiFTConfigError(
-                "The checkpoint's fp32 master weights do not match this model's blocks. Resume with the model and"
-                " the HiFT settings (layers_per_block, layers, frozen) that wrote it."
-            )
-        with torch.no_grad():
-            for p, value in zip(params, values, strict=True):
-                copy_whole(p, value)
-
-    def convert_optimizer_state(self, saved_mode: str | None, active: int, mid_slot: bool) -> None:
-        """Bring optimizer state resumed from a run with another ``optimizer_state`` to what this run keeps.
-
-        Offload and keep hold the same state in different places, so a switch between them is exact. A run resumed
-        under "reset" drops the state of every block but the one in the middle of its turn. A run resumed from a
-        "reset" checkpoint has no state for the blocks that were waiting: they start afresh at their next turn.
-        """
-        assert self.placement is not None
-        if saved_mode in (None, self.optimizer_state_mode):
-            return
-        if self.optimizer_state_mode == "reset":
-            keep = {active} if mid_slot else set()
-            dropped = self.placement.drop([b for b in self.blocks if b.index not in keep])
-            if dropped:
-                rank_zero_warn(
-                    f"HiFT: the checkpoint was written with optimizer_state={saved_mode!r}; resuming with 'reset'"
-                    f" dropped the saved optimizer state of {dropped} blocks, as a 'reset' run would have."
-                )
-        elif saved_mode == "reset":
-            rank_zero_warn(
-                f"HiFT: the checkpoint was written with optimizer_state='reset', which keeps no state for waiting"
-                f" blocks; under {self.optimizer_state_mode!r} they start with fresh optimizer state at their next"
-                " turn and keep it from then on."
-            )
-
     def _check_automatic_optimization(self) -> None:
         module = self.lightning_module
         assert module is not None
@@ -428,22 +323,15 @@ class HiFTStrategyBase(_Strategy):
         assert module is not None
         # Lightning allows a single optimizer under automatic optimization, which HiFT requires.
         assert isinstance(self.layers_per_block, int), "the block size is chosen before the blocks are cut"
-        blocks = partition(module, self.layers_per_block, layers=self.layers, frozen=self.frozen)
+        blocks = partition(module, self.layers_per_block, frozen=self.frozen, units=self._units())
         self.blocks = _only_optimized(blocks, self.optimizers[0])
         self.checkpoint_inputs.start(module, self.blocks)
-        self.compiled_by_unit = compile_by_unit(module, self.layers)
+        self.compiled_by_unit = compile_by_unit(module, units=self._units())
         self._unfrozen_at_start = [p for p in module.parameters() if p.requires_grad]
         self.active_block = None
 
     def _check_rates(self) -> None:
-        own = lr.check_rates(self.optimizers[0], self.lr_factor())
-        if own and self.lr_factor() != 1.0:
-            rank_zero_warn(
-                f"HiFT: {type(self.optimizers[0]).__name__} sizes its own steps in param groups {own} (lr=None or"
-                " relative_step=True), so lr_scale does not apply to them: each block's step size follows the"
-                " block's own update count. Give those groups a learning rate (relative_step=False, lr=...) for"
-                " lr_scale to take effect, or pass lr_scale=1.0 to silence this warning."
-            )
+        lr.check_scaled_rates(self.optimizers[0], self.lr_factor())
 
     def _check_same_settings(self) -> None:
         """Every process must cut the same blocks and schedule them alike, or they would train different blocks."""
@@ -451,8 +339,7 @@ class HiFTStrategyBase(_Strategy):
             return
         mine = (
             [(block.names, [tuple(p.shape) for p in block.params]) for block in self.blocks],
-            (self.layers_per_block, self.order, self.seed, self.switch_every, self.optimizer_state_mode),
-            (self.lr_update, self.lr_scale, self.on_nonfinite),
+            self.settings.shared(),
         )
         # Every process learns which ones differ, so that all stop with the same message (process 0 alone would
         # otherwise go on, and wait for the others until a collective fails).
@@ -462,8 +349,7 @@ class HiFTStrategyBase(_Strategy):
             raise HiFTConfigError(
                 f"Process(es) {ranks} cut the model into different blocks, or have different HiFT settings, than"
                 f" process 0. Give every process the same model and the same {type(self).__name__} arguments"
-                " (layers_per_block, layers, frozen, order, seed, switch_every, optimizer_state, lr_update,"
-                " lr_scale, on_nonfinite)."
+                f" ({', '.join(name for name in ARGS if name != 'memory_budget')})."
             )
 
     def freeze(self) -> None:
@@ -563,39 +449,6 @@ class HiFTStrategyBase(_Strategy):
             self.masters.masters_to_weights(block)
         return output
 
-    def _another_pass(self, closure: Callable[[], Any], block: Block, call: int) -> Any:
-        """A later call of the closure within one optimizer step (SAM's second pass, say).
-
-        The optimizer may have moved the tensors it steps since the last pass (SAM's ascent), so the forward runs on
-        them, and it receives this pass's gradients on those tensors (the fp32 masters under half precision),
-        combined across processes, as it would without HiFT. The step cannot be skipped any more (the optimizer has
-        changed the weights already): a fp16 overflow makes the pass again at a lower loss scale, and gradients
-        that are not finite at any scale stop training.
-        """
-        masters = self.masters
-        while True:
-            if masters is not None:
-                masters.sync_weights(block)
-            loss = closure()
-            self._reduce_grads(block)
-            grads = [p.grad for p in block.params if p.grad is not None]
-            finite = not grads or not self._checks_nonfinite() or self._all_finite(grads)
-            if finite and (masters is None or masters.add_pass_grads(block)):
-                return loss
-            if masters is None or not masters.lower_scale():
-                raise FloatingPointError(self._nonfinite_in_pass(block, call))
-
-    def _nonfinite_in_pass(self, block: Block, call: int) -> str:
-        assert self.lightning_module is not None
-        step = self.lightning_module.trainer.global_step
-        return (
-            f"HiFT: non-finite gradients in block {block.index} ({', '.join(block.unit_names)}) at optimizer step"
-            f" {step}, in call {call} of the optimizer's closure. The optimizer had already changed the weights in"
-            " an earlier call of this step (a sharpness-aware ascent, say), so the step cannot be skipped and training"
-            " stops; checkpoints written so far are intact. Lower the learning rate (or the optimizer's"
-            " perturbation size), or clip gradients (gradient_clip_val=...)."
-        )
-
     def _grad_rms(self, block: Block) -> float:
         """Root mean square of the block's gradient, over the parameters that have one; loss scale divided out."""
         grads = [p.grad for p in block.params if p.grad is not None]
@@ -612,69 +465,7 @@ class HiFTStrategyBase(_Strategy):
 
     def lr_factor(self) -> float:
         """What an update multiplies the optimizer's configured learning rates by (``lr_scale`` resolved)."""
-        return float(len(self.blocks)) if self.lr_scale == "blocks" else float(self.lr_scale)
-
-    def _grads_ready(self, block: Block, lightning_skipped: bool) -> bool:
-        """Prepare the block's gradients for its update; False when the step must be skipped."""
-        self._reduce_grads(block)  # every process takes part, whether or not it received gradients itself
-        if all(p.grad is None for p in block.params):
-            if not lightning_skipped:  # a training_step that returns None is Lightning's own way to skip
-                self._warn_no_grad(block)
-            return False
-        grads = [p.grad for p in block.params if p.grad is not None]
-        if self._checks_nonfinite() and not self._all_finite(grads):
-            self._on_nonfinite(block)
-            self._drop_grads(block)
-            return False
-        return self.masters is None or self.masters.grads_to_masters(block)
-
-    def _reduce_grads(self, block: Block) -> None:
-        """Combine the block's gradients across processes before the step; one process has nothing to do.
-
-        Afterwards a parameter has a gradient if any process gave it one.
-        """
-
-    def _all_finite(self, grads: list[Tensor]) -> bool:
-        """Whether the gradients the step would apply are finite. Processes holding whole gradients (after their
-        all-reduce) reach the same verdict on their own."""
-        return all_finite(grads)
-
-    @staticmethod
-    def _drop_grads(block: Block) -> None:
-        for p in block.params:
-            p.grad = None
-
-    def _checks_nonfinite(self) -> bool:
-        # With loss scaling, an overflow is routine: the scaler skips the step and lowers the scale itself.
-        mixed = isinstance(self.precision_plugin, lightning_classes("plugins.precision.MixedPrecision"))
-        amp_scaler = mixed and getattr(self.precision_plugin, "scaler", None) is not None
-        return not amp_scaler and (self.masters is None or self.masters.scaler is None)
-
-    def _on_nonfinite(self, block: Block) -> None:
-        self.skipped_nonfinite += 1
-        assert self.lightning_module is not None
-        step = self.lightning_module.trainer.global_step
-        where = f"block {block.index} ({', '.join(block.unit_names)}) at optimizer step {step}"
-        if self.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"HiFT: non-finite gradients in {where}; nothing was updated, so the last checkpoint and the"
-                " weights are intact. Lower the learning rate, clip gradients (gradient_clip_val=...), or pass"
-                " on_nonfinite='skip' to skip such steps."
-            )
-        if self.skipped_nonfinite == 1:
-            rank_zero_warn(
-                f"HiFT: non-finite gradients in {where}; the step was skipped (nothing was updated). Later"
-                " skips are counted in `strategy.skipped_nonfinite`; pass on_nonfinite='stop' to stop instead."
-            )
-
-    def _warn_no_grad(self, block: Block) -> None:
-        if block.index in self._warned_no_grad:
-            return
-        self._warned_no_grad.add(block.index)
-        rank_zero_warn(
-            f"HiFT: block {block.index} ({', '.join(block.unit_names)}) received no gradient, so its step was"
-            " skipped. If those parameters do not contribute to the loss, freeze them with `frozen=`."
-        )
+        return lr.factor(self.lr_scale, len(self.blocks))
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
@@ -695,13 +486,12 @@ class HiFTStrategyBase(_Strategy):
         if self.placement is not None:
             self.deactivate()
             # Nothing of the fit may keep device memory once Lightning has moved the model and the optimizer state
-            # to the host: the prefetched next block goes, and so do the objects that reference it. The callback
-            # keeps the masters' values (host tensors) so that a checkpoint saved after the fit stays exact.
+            # to the host: the prefetched next block goes, and so do the objects that reference it. The masters'
+            # values stay (host tensors), so that a checkpoint saved after the fit is exact.
             self.placement.transfer.close()
-            if self.callback is not None:
-                self.callback.fit_ended(self.masters.state_dict() if self.masters is not None else None)
+            self._keep_masters_values()
             self.placement = None
-            self.masters = None
+        self._masters_to_load = None
         # Hand the model back with the trainable flags it came with.
         for p in self._unfrozen_at_start:
             p.requires_grad_(True)
@@ -719,14 +509,12 @@ class HiFTStrategyBase(_Strategy):
 
 
 class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
-    """Train every parameter, one block of ``layers_per_block`` units per optimizer step, on one device.
-
-    The HiFT arguments are those of :class:`HiFTStrategyBase`; the rest are as for Lightning's
-    ``SingleDeviceStrategy``.
-
-    Args:
-        device: the compute device; by default the one the Trainer's accelerator gives.
-    """
+    __doc__: str | None = document(
+        """Train every parameter, one block of ``layers_per_block`` units per optimizer step, on one device:
+        ``Trainer(strategy="hift")``, or ``Trainer(strategy=HiFTStrategy(...))`` to set the arguments.""",
+        {"device": "the compute device; by default the one the Trainer's accelerator gives."},
+        ("accelerator", "checkpoint_io", "precision_plugin"),
+    )
 
     strategy_name = "hift"
 
@@ -750,17 +538,7 @@ class SingleDeviceHiFT(HiFTStrategyBase, _SingleDeviceStrategy):
         precision_plugin: Precision | None = None,
     ) -> None:
         super().__init__(
-            layers_per_block=layers_per_block,
-            order=order,
-            seed=seed,
-            switch_every=switch_every,
-            optimizer_state=optimizer_state,
-            lr_update=lr_update,
-            layers=layers,
-            frozen=frozen,
-            on_nonfinite=on_nonfinite,
-            lr_scale=lr_scale,
-            memory_budget=memory_budget,
+            HiFTSettings.of(locals()),
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,
@@ -812,21 +590,6 @@ def _register_destroy_at_exit() -> None:
 def _destroy_process_groups() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _fp32_values(model: nn.Module) -> dict[Tensor, Tensor]:
-    # Only what may train gets a copy: these become the masters as they are.
-    return {
-        p: rewrap(p, local(p).detach().to(HOST, copy=True))
-        for p in model.parameters()
-        if p.dtype == torch.float32 and p.requires_grad
-    }
-
-
-def _check_positive_int(name: str, value: object, alternative: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        alternative = f" {alternative}" if alternative else ""
-        raise HiFTConfigError(f"{name} must be a whole number >= 1{alternative}, got {name}={value!r}.")
 
 
 def _check_optimizer(optimizers: Sequence[Optimizer]) -> None:

@@ -182,8 +182,7 @@ def test_half_precision_weights_average_half_precision_grads_and_step_fp32_maste
 def saved_masters(folder: Path) -> dict[str, torch.Tensor]:
     """The fp32 masters of the half-precision run whose one checkpoint is in ``folder``, by parameter name."""
     (ckpt,) = folder.iterdir()
-    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
-    (masters,) = [state["masters"]["masters"] for key, state in callbacks.items() if "HiFTCallback" in key]
+    masters = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
     torch.manual_seed(0)
     names = [name for block in partition(ShardedTinyModule()) for name in block.names]
     return dict(zip(names, masters, strict=True))

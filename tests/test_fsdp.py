@@ -270,8 +270,7 @@ def test_a_bf16_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path
     hift = {"layers_per_block": 2, "switch_every": 4, "precision": "bf16-true"}
     fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=6, **hift)
     (ckpt,) = (tmp_path / "ckpt").iterdir()
-    masters = torch.load(ckpt, weights_only=True)["callbacks"]
-    (saved,) = [state["masters"]["masters"] for state in masters.values() if "masters" in state]
+    saved = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
     assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in saved)  # whole fp32 tensors
     resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
     uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)

@@ -164,8 +164,7 @@ def test_a_bf16_checkpoint_resumed_in_full_precision_starts_from_its_fp32_master
     checkpoint = torch.load(tmp_path / "saved" / CKPT, weights_only=True)
     probe = FirstTrainedValues()
     train(tmp_path / "resumed", {"precision": "32-true"}, ckpt_path=tmp_path / "saved" / CKPT, callbacks=[probe])
-    (hift_state,) = [state for key, state in checkpoint["callbacks"].items() if "HiFTCallback" in key]
-    masters = hift_state["masters"]["masters"]
+    masters = checkpoint["hift_masters"]["masters"]
     assert all(torch.equal(value, master) for value, master in zip(probe.values, masters, strict=True))
     assert not all(torch.equal(m, m.bfloat16().float()) for m in masters)  # finer than the bf16 weights
 

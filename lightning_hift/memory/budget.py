@@ -36,6 +36,7 @@ from lightning_hift.checkpointing import CheckpointInputs
 from lightning_hift.errors import HiFTConfigError
 from lightning_hift.memory.activations import fake_like, saved_bytes_per_set
 from lightning_hift.memory.plan import ACTIVATIONS, MemoryBreakdown, hift_model_state, per_process
+from lightning_hift.units import Unit, find_units
 
 DEFAULT_MARGIN = 0.10
 """The share of a CUDA device's memory the default budget leaves for what is not predicted."""
@@ -116,6 +117,7 @@ class BlockSizePlanner:
         half: the dtype half-precision training converts weights to, or None.
         context: the precision plugin's training-step context (autocast, for mixed precision).
         layers, frozen: the strategy's arguments, for cutting blocks.
+        units: ``find_units(module, layers)`` when it is known already.
         world_size, shards: processes, and whether the weights and state are split among them (``hift_fsdp``).
     """
 
@@ -130,12 +132,14 @@ class BlockSizePlanner:
         frozen: Sequence[str],
         world_size: int = 1,
         shards: bool = False,
+        units: Sequence[Unit] | None = None,
     ) -> None:
         self.module, self.batch, self.device, self.half, self.context = module, batch, device, half, context
         self.world_size, self.shards = world_size, shards
-        self.blocks = {1: partition(module, 1, layers=layers, frozen=frozen)}
+        units = units or find_units(module, layers)
+        self.blocks = {1: partition(module, 1, frozen=frozen, units=units)}
         for m in range(2, len(self.blocks[1]) + 1):
-            self.blocks[m] = partition(module, m, layers=layers, frozen=frozen)
+            self.blocks[m] = partition(module, m, frozen=frozen, units=units)
         owned = [*module.parameters(), *module.buffers()]
         self.weight_bytes = sum(t.numel() * self._element_size(t) for t in owned)
         self.largest_unit = max(block.numel() for block in self.blocks[1])
