@@ -1,21 +1,10 @@
 """The methods that experiments/benchmark.py compares, and how each one's device memory is counted.
 
 Every method trains the task's own LightningModule (``SequenceClassifier`` or ``CausalLanguageModel``) under
-Lightning; what differs is the optimizer, the strategy and the callbacks. :func:`build` returns them for one
-method, from its entry in conf/benchmark.yaml. Kinds:
-
-``full``     AdamW over every parameter, Lightning's default strategy.
-``hift``     ``HiFTStrategy`` (this project) with the entry's order, ``layers_per_block`` and ``optimizer_state``.
-``badam``    BAdam's ``BlockOptimizer`` around AdamW; blocks are the HiFT units, the classifier head always trains.
-``lisa``     LISA as LMFlow defines it: embeddings and head always train, every ``interval`` steps ``layers`` random
-             layers take over; built on this project's units and optimizer-state placement (:class:`LisaCallback`).
-``lora``     ``peft`` LoRA adapters on the entry's ``target_modules``, the task head fully trained.
-``galore``   ``galore_torch.GaLoreAdamW``, projecting the 2-D weights of the transformer layers.
-``adalomo``  ``lomo_optim.AdaLomo``, whose update runs inside backward, under manual optimization.
-
-Device memory rule (the same for all): gradients are counted after backward, before the update (every non-None
-``.grad``); optimizer state right after the update (every tensor in the optimizer's state except the scalar step
-counters), keeping only what the method leaves on the compute device.
+Lightning; what differs is the optimizer, the strategy and the callbacks, which :func:`build` returns for one entry of
+conf/benchmark.yaml (its ``kind``: full, hift, badam, lisa, lora, galore, adalomo). What each method keeps on the
+device is counted by the rule of bench_protocol.md; :class:`MethodRun`'s ``grads``, ``optimizer_state`` and
+``masters`` read it, the defaults for a method that leaves everything where Lightning puts it.
 """
 
 from __future__ import annotations
@@ -29,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -43,16 +33,9 @@ from lightning_hift.tasks import CausalLanguageModel, SequenceClassifier
 from lightning_hift.tasks.optim import OptimizerFactory, linear_warmup_decay
 from lightning_hift.units import EMBEDDINGS, OUTPUT
 
-PEER_PACKAGES: dict[str, str] = {
-    "badam": "badam",
-    "lora": "peft",
-    "galore": "galore_torch",
-    "adalomo": "lomo_optim",
-}
+PEER_PACKAGES = {"badam": "badam", "lora": "peft", "galore": "galore_torch", "adalomo": "lomo_optim"}
 """The import name of each peer's package; a peer that cannot be imported or run is reported as unavailable."""
-
-
-# --- accounting ---------------------------------------------------------------------------------------------------
+TASKS = {"classifier": SequenceClassifier, "causal_lm": CausalLanguageModel}
 
 
 def tensor_bytes(value: Any) -> int:
@@ -74,183 +57,120 @@ def state_bytes(state: Mapping[Any, Mapping[str, Any]], keys: Iterable[Any] | No
     return sum(tensor_bytes(value) for entry in entries for name, value in entry.items() if name != "step")
 
 
-class Accounting:
-    """What a method keeps on the compute device. The default reads the parameters' gradients and the whole
-    ``optimizer.state``, which Lightning puts on the device; methods that keep state elsewhere override it."""
-
-    def grads(self, module: nn.Module) -> tuple[int, int]:
-        """Bytes of the gradients present now, and the number of parameters they belong to (trained this step)."""
-        present = [p for p in module.parameters() if p.grad is not None]
-        return sum(p.grad.nbytes for p in present if p.grad is not None), sum(p.numel() for p in present)
-
-    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
-        """Bytes of optimizer state on the device and in host memory, right after an optimizer step."""
-        return state_bytes(trainer.optimizers[0].state), 0
-
-    def masters(self, trainer: Trainer) -> int:
-        """Bytes of extra weight copies that the method keeps on the device (BAdam's fp32 copy of its block)."""
-        return 0
+def present_grads(module: nn.Module) -> tuple[int, int]:
+    """Bytes of the gradients present now, and the number of parameters they belong to (trained this step)."""
+    present = [p for p in module.parameters() if p.grad is not None]
+    return sum(p.grad.nbytes for p in present if p.grad is not None), sum(p.numel() for p in present)
 
 
-class HiFTAccounting(Accounting):
-    """HiFT's own bookkeeping: only the active block's state is on the device; offloaded state is host memory."""
-
-    @override
-    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
-        strategy = trainer.strategy
-        assert isinstance(strategy, HiFTStrategy)
-        breakdown = snapshot(strategy)
-        return breakdown.get("optimizer_state", "device"), breakdown.get("optimizer_state", "host")
-
-
-# --- methods ------------------------------------------------------------------------------------------------------
+def optimizer_state_bytes(trainer: Trainer) -> int:
+    return state_bytes(trainer.optimizers[0].state)
 
 
 @dataclass
 class MethodRun:
-    """What one method trains with: the module, the Trainer's strategy and callbacks, and its accounting."""
+    """What one method trains with (the module, the Trainer's strategy and callbacks) and how its device memory is
+    read: the gradients after backward, the optimizer state (device, host bytes) and extra weight copies on the
+    device (BAdam's fp32 block) after the update."""
 
     module: LightningModule
+    description: str
     strategy: str | Strategy = "auto"
     callbacks: list[Callback] = field(default_factory=list)
-    accounting: Accounting = field(default_factory=Accounting)
-    description: str = ""
+    grads: Callable[[nn.Module], tuple[int, int]] = present_grads
+    optimizer_state: Callable[[Trainer], tuple[int, int]] = lambda trainer: (optimizer_state_bytes(trainer), 0)
+    masters: Callable[[Trainer], int] = lambda trainer: 0
     facts: dict[str, Any] = field(default_factory=dict)
     """Settings the method derived at run time (BAdam's switching interval), for the record."""
 
 
 @dataclass(frozen=True)
 class Hyper:
-    """The schedule settings every method of a suite shares, plus the run's learning rate."""
+    """What every method of a run shares: the task, the schedule, the rate, the seed (HiFT's random order, LISA's
+    draws) and the training examples (BAdam's advice on how long a block stays active depends on them)."""
 
+    task: str
     lr: float
     weight_decay: float
     warmup_ratio: float
     batch_size: int
+    seed: int
+    examples: int
+
+    def module(self, model: nn.Module, optimizer: OptimizerFactory) -> LightningModule:
+        """The task's LightningModule around ``model`` (peft's wrappers forward ``config`` and the call)."""
+        settings = {"lr": self.lr, "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio}
+        return TASKS[self.task](model, optimizer=optimizer, **settings)  # type: ignore[arg-type]
 
 
-ModuleMaker = Callable[[nn.Module, Hyper, OptimizerFactory], LightningModule]
-
-
-def task_module(task: str) -> ModuleMaker:
-    """How to wrap a model into the task's LightningModule (``"classifier"`` or ``"causal_lm"``)."""
-    cls = {"classifier": SequenceClassifier, "causal_lm": CausalLanguageModel}[task]
-
-    def make(model: nn.Module, hyper: Hyper, optimizer: OptimizerFactory) -> LightningModule:
-        # peft's wrappers are not PreTrainedModels but forward `config` and the call to the model they wrap.
-        return cls(
-            model,  # type: ignore[arg-type]
-            lr=hyper.lr,
-            weight_decay=hyper.weight_decay,
-            warmup_ratio=hyper.warmup_ratio,
-            optimizer=optimizer,
-        )
-
-    return make
-
-
-def build(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
-    """The module, strategy, callbacks and accounting of one method.
-
-    Args:
-        task: ``"classifier"`` or ``"causal_lm"``.
-        model: The freshly loaded pretrained model (the same weights and head for every method).
-        hyper: Learning rate, weight decay and warm-up of the run.
-        cfg: The method's entry of the config: ``kind`` and the kind's own settings.
-        seed: The run's seed (HiFT's random order, LISA's layer draws).
-        examples: Training examples (BAdam's advice on how long a block stays active depends on them).
+def build(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
+    """The module, strategy, callbacks and accounting of the method ``cfg`` (its entry of the config) on the freshly
+    loaded pretrained ``model`` (the same weights and head for every method).
 
     Raises:
-        ValueError: ``cfg.kind`` is not one of :data:`KINDS`.
+        ValueError: ``cfg.kind`` is not a kind of method.
         ImportError: A peer's package is not installed.
     """
-    builders: dict[str, Callable[..., MethodRun]] = {
-        "full": _full,
-        "hift": _hift,
-        "badam": _badam,
-        "lisa": _lisa,
-        "lora": _lora,
-        "galore": _galore,
-        "adalomo": _adalomo,
-    }
+    builders = {"full": _full, "hift": _hift, "badam": _badam, "lisa": _lisa, "lora": _lora, "galore": _galore}
+    builders["adalomo"] = _adalomo
     if cfg.kind not in builders:
         raise ValueError(f"Unknown method kind={cfg.kind!r} in the benchmark config; use one of {sorted(builders)}.")
-    return builders[cfg.kind](task=task, model=model, hyper=hyper, cfg=cfg, seed=seed, examples=examples)
+    return builders[cfg.kind](model, cfg, hyper)
 
 
-def _full(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
-    module = task_module(task)(model, hyper, torch.optim.AdamW)
-    return MethodRun(module, description="AdamW over every parameter, every step (Lightning's default strategy)")
+def _full(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
+    description = "AdamW over every parameter, every step (Lightning's default strategy)"
+    return MethodRun(hyper.module(model, torch.optim.AdamW), description)
 
 
-def _hift(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
-    module = task_module(task)(model, hyper, torch.optim.AdamW)
+def _hift(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     # Only what the entry sets; everything else is the package's default.
     keys = ("layers_per_block", "order", "optimizer_state", "lr_scale", "memory_budget")
-    settings = {key: cfg[key] for key in keys if key in cfg}
-    strategy = HiFTStrategy(seed=seed, **settings)
+    strategy = HiFTStrategy(seed=hyper.seed, **{key: cfg[key] for key in keys if key in cfg})
     facts: dict[str, Any] = {}
+    # The benchmark puts its own callbacks first, so that they measure a step before HiFT switches.
     callbacks: list[Callback] = [HiFTCallback(log_memory=False)]
     if strategy.auto_block_size:
         # Chosen at setup; the record gets the choice and the planner's figure.
-        callbacks.append(ChosenBlockSize(facts))
-        blocks_text = f"layers_per_block='auto' at a budget of {cfg['memory_budget']}"
-        scale = "k x"
+        def chosen(trainer: Trainer, pl_module: LightningModule) -> None:
+            assert strategy.memory_estimate is not None
+            facts.update(layers_per_block=strategy.layers_per_block, blocks=len(strategy.blocks))
+            facts["planned_device_bytes"] = strategy.memory_estimate.total("device")
+
+        callbacks.append(LambdaCallback(on_train_start=chosen))
+        blocks_text, scale = f"layers_per_block='auto' at a budget of {cfg['memory_budget']}", "k x"
     else:
         blocks = len(partition(model, strategy.layers_per_block))  # type: ignore[arg-type]
         blocks_text = f"{blocks} blocks of {strategy.layers_per_block} unit(s)"
         scale = f"{blocks}x" if strategy.lr_scale == "blocks" else f"{strategy.lr_scale}x"
-    return MethodRun(
-        module,
-        strategy,
-        # Placed explicitly after the benchmark's own callbacks, so that they measure a step before HiFT switches.
-        callbacks=callbacks,
-        accounting=HiFTAccounting(),
-        description=(
-            f"HiFTStrategy with AdamW: {blocks_text}, {strategy.order},"
-            f" optimizer_state={strategy.optimizer_state_mode}, lr_update={strategy.lr_update},"
-            f" lr_scale={strategy.lr_scale!r} (each update at {scale} the rate)"
-        ),
-        facts=facts,
+
+    def optimizer_state(trainer: Trainer) -> tuple[int, int]:
+        # Only the active block's state is on the device; offloaded state is host memory.
+        breakdown = snapshot(strategy)
+        return breakdown.get("optimizer_state", "device"), breakdown.get("optimizer_state", "host")
+
+    description = (
+        f"HiFTStrategy with AdamW: {blocks_text}, {strategy.order}, optimizer_state={strategy.optimizer_state_mode},"
+        f" lr_update={strategy.lr_update}, lr_scale={strategy.lr_scale!r} (each update at {scale} the rate)"
     )
+    module = hyper.module(model, torch.optim.AdamW)
+    return MethodRun(module, description, strategy, callbacks, optimizer_state=optimizer_state, facts=facts)
 
 
-class ChosenBlockSize(Callback):
-    """Writes the block size ``layers_per_block="auto"`` chose, and the planner's device total, into ``facts``."""
-
-    def __init__(self, facts: dict[str, Any]) -> None:
-        self.facts = facts
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        strategy = trainer.strategy
-        assert isinstance(strategy, HiFTStrategy) and strategy.memory_estimate is not None
-        self.facts["layers_per_block"] = strategy.layers_per_block
-        self.facts["blocks"] = len(strategy.blocks)
-        self.facts["planned_device_bytes"] = strategy.memory_estimate.total("device")
-
-
-# BAdam ------------------------------------------------------------------------------------------------------------
-
-
-def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
+def _badam(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     from badam import BlockOptimizer
 
     class LightningBlockOptimizer(BlockOptimizer):  # type: ignore[misc]  # badam ships no type information
-        """BlockOptimizer that runs Lightning's closure (forward and backward) before its own step.
+        """BlockOptimizer that runs Lightning's closure (forward and backward) before its own step: it copies the
+        gradients to its fp32 block before it calls the base optimizer, and so before the closure would compute
+        them. At a block switch it drops the optimizer state; ``step_state_bytes`` and ``step_master_bytes`` keep
+        what it held right after the update."""
 
-        BlockOptimizer copies the gradients to its fp32 block before it calls the base optimizer, and so before
-        the closure that Lightning hands to ``step`` would compute them. At a block switch it drops the optimizer
-        state; ``step_state_bytes`` and ``step_master_bytes`` keep what it held right after the update.
-        """
-
-        step_state_bytes = 0
-        step_master_bytes = 0
+        step_state_bytes = step_master_bytes = 0
 
         def step(self, closure: Callable[[], Any] | None = None) -> Any:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            with torch.enable_grad():
+                loss = closure() if closure is not None else None
             self.step_state_bytes = self.step_master_bytes = 0
             super().step()
             self._record_step_memory()
@@ -258,8 +178,7 @@ def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int
 
         def switch_trainable_params(self, verbose: int | None = None) -> None:
             self._record_step_memory()
-            # BlockOptimizer prints the new block at every switch unless told otherwise here; it ignores the
-            # constructor's `verbose` for that.
+            # It prints the new block at every switch unless told otherwise here (the constructor's `verbose` not).
             super().switch_trainable_params(self.verbose if verbose is None else verbose)
 
         def _record_step_memory(self) -> None:
@@ -270,57 +189,40 @@ def _badam(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int
     units = partition(model, layers_per_block=1)
     switch_every = cfg.switch_block_every
     if switch_every == "auto":  # BAdam's advice: K = min(max(n / (B * D), 50), 100)
-        switch_every = min(max(examples // (hyper.batch_size * len(units)), 50), 100)
+        switch_every = min(max(hyper.examples // (hyper.batch_size * len(units)), 50), 100)
     # The task head: parameters outside the base model (a classifier's `classifier.*`; none for a tied LM head).
     base_prefix = f"{getattr(model, 'base_model_prefix', '')}."
     head = [name for name, _ in model.named_parameters() if not name.startswith(base_prefix)]
-    # Full parameter names: BlockOptimizer matches its prefixes as substrings of the names.
-    block_prefixes = [list(block.names) for block in units]
 
     def block_optimizer(groups: list[dict[str, Any]], lr: float) -> Optimizer:
-        base = torch.optim.AdamW(groups, lr=lr)
         with warnings.catch_warnings():
             # Every method trains fp32 weights here; the report counts the fp32 copy this warning is about.
             warnings.filterwarnings("ignore", message="BAdam expect model to be loaded in fp16")
             return LightningBlockOptimizer(
-                base_optimizer=base,
+                base_optimizer=torch.optim.AdamW(groups, lr=lr),
                 named_parameters_list=list(model.named_parameters()),
-                block_prefix_list=block_prefixes,
+                # Full parameter names: BlockOptimizer matches its prefixes as substrings of the names.
+                block_prefix_list=[list(block.names) for block in units],
                 switch_block_every=switch_every,
                 switch_mode=cfg.switch_mode,
                 active_modules=head,
                 verbose=0,
             )
 
-    module = task_module(task)(model, hyper, block_optimizer)
-    return MethodRun(
-        module,
-        accounting=BAdamAccounting(),
-        facts={"switch_every": switch_every},
-        description=(
-            f"badam.BlockOptimizer over AdamW: {len(units)} blocks (the HiFT units), switch every"
-            f" {switch_every} step(s)"
-            + (" (BAdam's advice min(max(n / (batch * blocks), 50), 100))" if cfg.switch_block_every == "auto" else "")
-            + f", {cfg.switch_mode}; the head ({len(head)} tensors) always trains,"
-            " as BAdam advises for a freshly initialised head; at each switch BAdam drops the optimizer state, copies"
-            " the new block to fp32 and runs gc.collect()"
-        ),
+    description = (
+        f"badam.BlockOptimizer over AdamW: {len(units)} blocks (the HiFT units), switch every {switch_every} step(s)"
+        + (" (BAdam's advice min(max(n / (batch * blocks), 50), 100))" if cfg.switch_block_every == "auto" else "")
+        + f", {cfg.switch_mode}; the head ({len(head)} tensors) always trains, as BAdam advises for a freshly"
+        " initialised head; at each switch BAdam drops the optimizer state, copies the new block to fp32 and runs"
+        " gc.collect()"
     )
-
-
-class BAdamAccounting(Accounting):
-    """BAdam drops its state at a block switch, inside ``step``: count what it held right after the update."""
-
-    @override
-    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
-        return trainer.optimizers[0].step_state_bytes, 0
-
-    @override
-    def masters(self, trainer: Trainer) -> int:
-        return int(trainer.optimizers[0].step_master_bytes)
-
-
-# LISA -------------------------------------------------------------------------------------------------------------
+    return MethodRun(
+        hyper.module(model, block_optimizer),
+        description,
+        optimizer_state=lambda trainer: (trainer.optimizers[0].step_state_bytes, 0),
+        masters=lambda trainer: int(trainer.optimizers[0].step_master_bytes),
+        facts={"switch_every": switch_every},
+    )
 
 
 class LisaCallback(Callback):
@@ -330,39 +232,30 @@ class LisaCallback(Callback):
     drawn at random (seeded) from the model's repeated layers, become the only trainable layers and the others are
     frozen with their gradients set to None. Where a frozen layer's optimizer state goes is ``optimizer_state``,
     as in HiFT: ``"keep"`` (LMFlow's behaviour: never freed), ``"offload"`` or ``"reset"``.
-
-    Args:
-        layers: Layers trained together.
-        interval: Optimizer steps between two draws.
-        seed: Seed of the draws.
-        optimizer_state: ``"keep"``, ``"offload"`` or ``"reset"``.
     """
 
     def __init__(self, layers: int, interval: int, seed: int, optimizer_state: str = "keep") -> None:
         if layers < 1 or interval < 1:
             raise ValueError(f"LISA needs layers >= 1 and interval >= 1; got layers={layers}, interval={interval}.")
-        self.layers = layers
-        self.interval = interval
+        self.layers, self.interval, self.optimizer_state = layers, interval, optimizer_state
         self.rng = random.Random(seed)
-        self.optimizer_state = optimizer_state
         self.placement: OptimizerStatePlacement | None = None
-        self.always: list[Block] = []
+        self.blocks: list[Block] = []
         self.candidates: list[Block] = []
         self.active: list[Block] = []
         self._drawn_at = -1
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        blocks = partition(pl_module, layers_per_block=1)
-        self.always = [block for block in blocks if block.unit_names[0] in (EMBEDDINGS, OUTPUT)]
-        self.candidates = [block for block in blocks if block not in self.always]
+        self.blocks = partition(pl_module, layers_per_block=1)
+        always = [block for block in self.blocks if block.unit_names[0] in (EMBEDDINGS, OUTPUT)]
+        self.candidates = [block for block in self.blocks if block not in always]
         if len(self.candidates) < self.layers:
             raise ValueError(f"LISA samples {self.layers} layers but the model has {len(self.candidates)}.")
         device = trainer.strategy.root_device
-        self.placement = OptimizerStatePlacement(self.optimizer_state, trainer.optimizers[0], blocks, device)
-        for block in self.candidates:
-            _set_trainable(block, False)
-        for block in self.always:
+        self.placement = OptimizerStatePlacement(self.optimizer_state, trainer.optimizers[0], self.blocks, device)
+        self._train(self.candidates, False, move=False)
+        for block in always:
             self.placement.to_device(block)
 
     @override
@@ -370,95 +263,67 @@ class LisaCallback(Callback):
         step = trainer.global_step
         if step % self.interval == 0 and step != self._drawn_at:
             self._drawn_at = step
-            self._draw()
+            self._train(self.active, False)
+            self.active = self.rng.sample(self.candidates, self.layers)
+            self._train(self.active, True)
 
-    def _draw(self) -> None:
+    def _train(self, blocks: list[Block], trainable: bool, move: bool = True) -> None:
         assert self.placement is not None
-        for block in self.active:
-            _set_trainable(block, False)
-            self.placement.to_rest(block)
-        self.active = self.rng.sample(self.candidates, self.layers)
-        for block in self.active:
-            self.placement.to_device(block)
-            _set_trainable(block, True)
+        for block in blocks:
+            if move and trainable:
+                self.placement.to_device(block)
+            for p in block.params:
+                p.requires_grad_(trainable)
+                if not trainable:
+                    p.grad = None
+            if move and not trainable:
+                self.placement.to_rest(block)
 
-    def device_state_bytes(self) -> tuple[int, int]:
+    def placed_state(self, trainer: Trainer) -> tuple[int, int]:
         """Bytes of optimizer state on the device and in host memory, by the placement's bookkeeping."""
         assert self.placement is not None
-        placement = self.placement
         by_place = {"device": 0, "host": 0}
-        for block in self.always + self.candidates:
-            place = placement.where(block)
+        for block in self.blocks:
+            place = self.placement.where(block)
             if place in by_place:
-                by_place[place] += state_bytes(placement.optimizer.state, block.params)
+                by_place[place] += state_bytes(self.placement.optimizer.state, block.params)
         return by_place["device"], by_place["host"]
 
 
-def _set_trainable(block: Block, trainable: bool) -> None:
-    for p in block.params:
-        p.requires_grad_(trainable)
-        if not trainable:
-            p.grad = None
-
-
-class LisaAccounting(Accounting):
-    def __init__(self, callback: LisaCallback) -> None:
-        self.callback = callback
-
-    @override
-    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
-        return self.callback.device_state_bytes()
-
-
-def _lisa(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
-    callback = LisaCallback(cfg.layers, cfg.interval, seed, cfg.optimizer_state)
-    module = task_module(task)(model, hyper, torch.optim.AdamW)
-    return MethodRun(
-        module,
-        callbacks=[callback],
-        accounting=LisaAccounting(callback),
-        description=(
-            f"AdamW; embeddings and output unit always train, {cfg.layers} random layers every {cfg.interval}"
-            f" steps; frozen layers' optimizer state: {cfg.optimizer_state}"
-            + (" (never freed, as in LMFlow)" if cfg.optimizer_state == "keep" else "")
-        ),
+def _lisa(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
+    callback = LisaCallback(cfg.layers, cfg.interval, hyper.seed, cfg.optimizer_state)
+    description = (
+        f"AdamW; embeddings and output unit always train, {cfg.layers} random layers every {cfg.interval}"
+        f" steps; frozen layers' optimizer state: {cfg.optimizer_state}"
+        + (" (never freed, as in LMFlow)" if cfg.optimizer_state == "keep" else "")
     )
+    module = hyper.module(model, torch.optim.AdamW)
+    return MethodRun(module, description, callbacks=[callback], optimizer_state=callback.placed_state)
 
 
-# LoRA, GaLore, AdaLomo -------------------------------------------------------------------------------------------
-
-
-def _lora(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
+def _lora(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    peft_task = {"classifier": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}[task]
-    config = LoraConfig(
-        task_type=peft_task,
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-    )
+    peft_task = {"classifier": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}[hyper.task]
+    settings = {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout}
+    config = LoraConfig(task_type=peft_task, target_modules=list(cfg.target_modules), **settings)
     # For sequence classification peft trains the head in full (modules_to_save); the encoder stays frozen.
     wrapped = get_peft_model(model, config)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    module = task_module(task)(wrapped, hyper, torch.optim.AdamW)
-    return MethodRun(
-        module,
-        description=(
-            f"peft LoRA r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout} on {', '.join(cfg.target_modules)};"
-            f" head trained in full; {trainable / 1e6:.2f} M trainable parameters; not full-parameter"
-        ),
+    description = (
+        f"peft LoRA r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout} on {', '.join(cfg.target_modules)};"
+        f" head trained in full; {trainable / 1e6:.2f} M trainable parameters; not full-parameter"
     )
+    return MethodRun(hyper.module(wrapped, torch.optim.AdamW), description)
 
 
-def _galore(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
+def _galore(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     from galore_torch import GaLoreAdamW
 
     layers = [unit for unit in find_units(model) if unit.name not in (EMBEDDINGS, OUTPUT)]
-    layer_names = {name for unit in layers for name in unit.param_names}
     params = dict(model.named_parameters())
-    projected = {id(params[name]) for name in layer_names if params[name].dim() == 2}
+    names = {name for unit in layers for name in unit.param_names}
+    projected = {id(params[name]) for name in names if params[name].dim() == 2}
     projection = {"rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale, "proj_type": "std"}
 
     def galore_adamw(groups: list[dict[str, Any]], lr: float) -> Optimizer:
@@ -472,23 +337,17 @@ def _galore(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: in
             split += [{**group, "params": low_rank, **projection}] if low_rank else []
         return GaLoreAdamW(split, lr=lr, no_deprecation_warning=True)
 
-    module = task_module(task)(model, hyper, galore_adamw)
-    return MethodRun(
-        module,
-        description=(
-            f"galore_torch.GaLoreAdamW: rank {cfg.rank}, update_proj_gap {cfg.update_proj_gap}, scale {cfg.scale},"
-            f" on the {len(projected)} 2-D weights of the transformer layers; other parameters plain AdamW"
-        ),
+    description = (
+        f"galore_torch.GaLoreAdamW: rank {cfg.rank}, update_proj_gap {cfg.update_proj_gap}, scale {cfg.scale},"
+        f" on the {len(projected)} 2-D weights of the transformer layers; other parameters plain AdamW"
     )
+    return MethodRun(hyper.module(model, galore_adamw), description)
 
 
 class FusedBackward(LightningModule):
-    """Manual optimization for AdaLomo: the update of each parameter runs inside backward (``fused_backward``), so
-    Lightning's automatic loop, which calls backward and then ``optimizer.step``, does not fit.
-
-    Mixed into the task modules below, before them, so that its ``training_step`` and ``configure_optimizers`` win.
-    The learning rate follows the same warm-up and linear decay as every other method.
-    """
+    """Manual optimization for AdaLomo, mixed into a task module before it: the update of each parameter runs inside
+    backward (``fused_backward``), which Lightning's automatic loop (backward, then ``optimizer.step``) does not fit.
+    The learning rate follows the same warm-up and linear decay as every other method."""
 
     model: nn.Module
 
@@ -514,14 +373,6 @@ class FusedBackward(LightningModule):
         return loss.detach()
 
 
-class FusedBackwardClassifier(FusedBackward, SequenceClassifier):
-    """SequenceClassifier trained by AdaLomo."""
-
-
-class FusedBackwardLanguageModel(FusedBackward, CausalLanguageModel):
-    """CausalLanguageModel trained by AdaLomo."""
-
-
 def _metered_adalomo(model: nn.Module, lr: float) -> Optimizer:
     from lomo_optim import AdaLomo
 
@@ -530,8 +381,7 @@ def _metered_adalomo(model: nn.Module, lr: float) -> Optimizer:
         as it has applied it), and whose ``step`` only runs Lightning's closure: the update happened in backward."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self.peak_grad_bytes = 0
-            self.updated_params = 0
+            self.peak_grad_bytes = self.updated_params = 0
             super().__init__(*args, **kwargs)
 
         def fuse_update(self) -> Callable[[Any], Any]:
@@ -551,28 +401,23 @@ def _metered_adalomo(model: nn.Module, lr: float) -> Optimizer:
     return MeteredAdaLomo(model, lr=lr)
 
 
-class AdaLomoAccounting(Accounting):
-    """AdaLomo's gradients live only inside backward: count the most present at once and the parameters updated."""
+def _adalomo(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
+    task = TASKS[hyper.task]
+    module = type(f"FusedBackward{task.__name__}", (FusedBackward, task), {})(
+        model, lr=hyper.lr, weight_decay=0.0, warmup_ratio=hyper.warmup_ratio
+    )
 
-    @override
-    def grads(self, module: nn.Module) -> tuple[int, int]:
+    def grads(module: nn.Module) -> tuple[int, int]:
+        # Its gradients live only inside backward: the most present at once, and the parameters updated.
         optimizer = module.trainer.optimizers[0]  # type: ignore[attr-defined]
         counted = (optimizer.peak_grad_bytes, optimizer.updated_params)
         optimizer.peak_grad_bytes = optimizer.updated_params = 0
         return counted
 
-    @override
-    def optimizer_state(self, trainer: Trainer) -> tuple[int, int]:
+    def optimizer_state(trainer: Trainer) -> tuple[int, int]:
         optimizer = trainer.optimizers[0]
         factored = (optimizer.exp_avg_sq, optimizer.exp_avg_sq_row, optimizer.exp_avg_sq_col)
         return sum(tensor.nbytes for table in factored for tensor in table.values()), 0
 
-
-def _adalomo(task: str, model: nn.Module, hyper: Hyper, cfg: DictConfig, seed: int, examples: int) -> MethodRun:
-    cls = {"classifier": FusedBackwardClassifier, "causal_lm": FusedBackwardLanguageModel}[task]
-    module = cls(model, lr=hyper.lr, weight_decay=0.0, warmup_ratio=hyper.warmup_ratio)
-    return MethodRun(
-        module,
-        accounting=AdaLomoAccounting(),
-        description="lomo_optim.AdaLomo (factored second moments, update fused into backward), manual optimization",
-    )
+    description = "lomo_optim.AdaLomo (factored second moments, update fused into backward), manual optimization"
+    return MethodRun(module, description, grads=grads, optimizer_state=optimizer_state)

@@ -1,10 +1,5 @@
-"""The benchmark's report: experiments/results/benchmark.md and its plots, from the records the runs wrote.
-
-Everything here is derived from the records ``benchmark_runs/<suite>/<method>/lr=<lr>-seed=<seed>.json`` (each holds
-its suite's settings too), so ``python experiments/benchmark.py report_only=true`` rebuilds the same report without
-training. A suite whose runs are not all done yet is reported with what it has, and says what is missing. The page
-opens with bench_protocol.md, how every method is run and measured.
-"""
+"""The benchmark's page and plots, from the records alone (each holds its suite's settings too): a suite whose runs
+are not all done yet is reported with what it has, and says what is missing. The page opens with bench_protocol.md."""
 
 from __future__ import annotations
 
@@ -393,43 +388,22 @@ def plot_suite(out: Path, name: str, suite: Suite) -> tuple[str, str]:
         for r in done.record
     )
     losses["legend"] = losses.method.map(methods.label)
+    # Each legend in its method's color: the loss curves' is its label, the scores' says how many seeds too.
+    palette = dict(zip(methods.label, methods.index.map(colors), strict=True))
+    palette |= dict(zip(suite.evals.legend, suite.evals.method.map(colors), strict=True))
     seeds_range = {"errorbar": lambda values: (values.min(), values.max()), "err_kws": {"alpha": 0.15}}
+    style = {"hue": "legend", "palette": palette, **seeds_range}
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
-    palette = {legend: colors[name] for name, legend in zip(suite.evals.method, suite.evals.legend, strict=True)}
-    sns.lineplot(
-        suite.evals,
-        x="seconds",
-        y="value",
-        hue="legend",
-        palette=palette,
-        marker="o",
-        markersize=3,
-        markeredgewidth=0,
-        ax=left,
-        **seeds_range,
-    )
-    sns.lineplot(
-        losses,
-        x="step",
-        y="loss",
-        hue="legend",
-        palette=dict(zip(methods.label, colors.values(), strict=True)),
-        ax=right,
-        **seeds_range,
-    )
+    sns.lineplot(suite.evals, x="seconds", y="value", marker="o", markersize=3, markeredgewidth=0, ax=left, **style)
+    sns.lineplot(losses, x="step", y="loss", ax=right, **style)
     if suite.budget is not None:
-        left.axvline(
-            suite.budget, color="grey", linewidth=0.8, linestyle="--", label=f"T = {seconds_text(suite.budget)}"
-        )
-    left.set(
-        title=f"{metric}: mean over seeds, range shaded", xlabel="training seconds (s / step x steps)", ylabel=metric
-    )
-    right.set(
-        title=f"training loss, moving average of {window} steps: mean, range shaded",
-        xlabel="optimizer step",
-        ylabel="training loss",
-    )
+        budget = f"T = {seconds_text(suite.budget)}"
+        left.axvline(suite.budget, color="grey", linewidth=0.8, linestyle="--", label=budget)
+    scores = f"{metric}: mean over seeds, range shaded"
+    left.set(title=scores, xlabel="training seconds (s / step x steps)", ylabel=metric)
+    loss = f"training loss, moving average of {window} steps: mean, range shaded"
+    right.set(title=loss, xlabel="optimizer step", ylabel="training loss")
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     curves = f"benchmark_{name}_curves.png"

@@ -1,5 +1,5 @@
-"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo): a learning rate chosen
-per method on a validation split, then several seeds at that rate, every run in its own process.
+"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo), every run in its own
+process; how rates, seeds and figures are chosen and measured is bench_protocol.md, the opening of the page.
 
     python experiments/benchmark.py suite=tweets         # about 1 h on 2 idle CPU cores (35 runs)
     python experiments/benchmark.py                      # all three suites, several hours: resumable, see below
@@ -7,16 +7,10 @@ per method on a validation split, then several seeds at that rate, every run in 
     python experiments/benchmark.py suite=tweets steps=8 eval_every=4 out=/tmp/bench   # a smoke run
     python experiments/benchmark.py report_only=true     # rebuild the tables and plots from the saved records
 
-Settings come from conf/benchmark.yaml (model, data, batch size, sequence length, steps, evaluation interval, seeds,
-each method's settings and learning-rate grid), composed by Hydra: ``tweets.data.train_size=64`` overrides any of them.
-Suites: ``tweets`` (MiniLM, balanced tweet sentiment), ``bbc`` (MiniLM, BBC news topics, longer texts) and
-``smollm2`` (SmolLM2-135M causal language modelling). In each suite, every method first runs each rate of its grid
-with the first seed; the rate with the best validation score (a split disjoint from the test split) is its rate, and
-the other seeds run at it. Each run is a fresh process (``run_one=SUITE/METHOD/LR/SEED``), so its peak resident
-memory is its own, and writes its JSON record as it finishes: a run whose record exists with the same settings is
-not run again, so an interrupted benchmark continues where it stopped (``fresh=true`` starts the suites over). A peer
-whose package is missing or that cannot run here is recorded as unavailable, with the reason. The records become
-``<out>/benchmark.md`` and the plots ``<out>/benchmark_*.png`` (:mod:`bench_report`).
+Settings come from conf/benchmark.yaml, composed by Hydra (``tweets.data.train_size=64`` overrides any of them).
+Each run (``run_one=SUITE/METHOD/LR/SEED``) writes its JSON record as it finishes: a run whose record exists with the
+same settings is not run again, so an interrupted benchmark continues where it stopped (``fresh=true`` starts the
+suites over). A peer whose package is missing or that cannot run here is recorded as unavailable, with the reason.
 """
 
 from __future__ import annotations
@@ -35,7 +29,6 @@ import sys
 import time
 import traceback
 import warnings
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -43,27 +36,18 @@ import hydra
 import pandas as pd
 import psutil
 import torch
-from bench_methods import PEER_PACKAGES, Accounting, Hyper, MethodRun, build
+from bench_methods import PEER_PACKAGES, Hyper, MethodRun, build
 from bench_report import choose_lr, lr_text, write_report
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf, open_dict
-from run_summary import peak_memory
-from torch import nn
+from run_summary import RESULTS, peak_memory, quiet_trainer
 from torch.optim import Optimizer
-from typing_extensions import override
 
-from lightning_hift.tasks import (
-    BBCNewsDataModule,
-    LanguageModelingDataModule,
-    StepTimer,
-    TweetSentimentDataModule,
-    load_causal_lm,
-    load_sequence_classifier,
-)
+from lightning_hift import tasks
+from lightning_hift.tasks import StepTimer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-RESULTS = Path(__file__).with_name("results")
 SUITES = ("tweets", "bbc", "smollm2")
 METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}
 """What a run is scored by, as the task module logs it (both the test and the validation split run as validation)."""
@@ -80,27 +64,17 @@ def output_dir(config: DictConfig) -> Path:
 
 
 def selected_suites(config: DictConfig) -> list[str]:
-    """The suites ``suite=`` names.
-
-    Raises:
-        SystemExit: ``suite`` is not a suite.
-    """
     if config.suite not in (*SUITES, "all"):
         raise SystemExit(f"Unknown suite={config.suite!r}; choose one of {[*SUITES, 'all']}.")
     return list(SUITES) if config.suite == "all" else [config.suite]
 
 
 def check(config: DictConfig) -> DictConfig:
-    """Applies ``steps=`` and ``eval_every=`` to the selected suites; checks that ``methods=`` names exist.
-
-    Raises:
-        SystemExit: A method named by ``methods`` is in none of the selected suites.
-    """
+    """Applies ``steps=`` and ``eval_every=`` to the selected suites; exits if a suite or method does not exist."""
     for suite in selected_suites(config):
-        if config.steps is not None:
-            config[suite].steps = config.steps
-        if config.eval_every is not None:
-            config[suite].eval_every = config.eval_every
+        for key in ("steps", "eval_every"):
+            if config[key] is not None:
+                config[suite][key] = config[key]
     known = {name for suite in selected_suites(config) for name in config[suite].methods}
     unknown = sorted(set(config.methods or ()) - known)
     if unknown:
@@ -113,57 +87,60 @@ def methods_of(config: DictConfig, suite: str, wanted: list[str] | None) -> list
     return [name for name in config[suite].methods if wanted is None or name in wanted]
 
 
+def suite_settings(config: DictConfig, suite: str) -> dict[str, Any]:
+    """What every run of the suite shares (model, data, steps, schedule, seeds, accelerator), for its records."""
+    return {
+        **without(as_dict(config[suite]), ("methods",)),
+        "suite": suite,
+        "data_seed": config.data_seed,
+        "accelerator": config.accelerator,
+    }
+
+
+def without(entries: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: value for key, value in entries.items() if key not in keys}
+
+
+def as_dict(node: DictConfig) -> dict[str, Any]:
+    settings = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(settings, dict)
+    return settings  # type: ignore[return-value]
+
+
 # --- one method, in its own process -------------------------------------------------------------------------------
 
 
 class Meter(Callback):
     """Records, for every optimizer step, the loss and what the method keeps on the compute device, and the
-    evaluation set's score with the training seconds spent before it.
-
-    Must come before HiFT's callback in the Trainer's list: HiFT switches blocks (and sends the optimizer state of
-    the trained one to host memory) in the same hook in which this measures the step.
+    evaluation set's score with the training seconds spent before it. Comes before HiFT's callback, which switches
+    blocks (and sends the trained one's optimizer state to host memory) in the hook in which this measures the step.
     """
 
-    def __init__(self, timer: StepTimer, accounting: Accounting, metric: str) -> None:
-        self.timer = timer
-        self.accounting = accounting
-        self.metric = metric
+    def __init__(self, timer: StepTimer, run: MethodRun, metric: str) -> None:
+        self.timer, self.run, self.metric = timer, run, metric
         self.steps: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
-        self._grads: tuple[int, int] = (0, 0)
-        self._last_step = 0
-        self.recording = True
+        self._grads, self._last_step, self.recording = (0, 0), 0, True
 
-    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = trainer.global_step
 
-    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        self._grads = self.accounting.grads(pl_module)
+        self._grads = self.run.grads(pl_module)
 
-    @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.global_step == self._last_step:
             return  # inside an accumulation window
         self._last_step = trainer.global_step
-        device_state, host_state = self.accounting.optimizer_state(trainer)
-        grad_bytes, trainable = self._grads
+        device_state, host_state = self.run.optimizer_state(trainer)
+        loss = float(trainer.callback_metrics["train/loss"])
+        grads, trainable = self._grads
         self.steps.append(
-            {
-                "loss": float(trainer.callback_metrics["train/loss"]),
-                "grad_bytes": grad_bytes,
-                "trainable": trainable,
-                "state_bytes": device_state,
-                "host_state_bytes": host_state,
-                "master_bytes": self.accounting.masters(trainer),
-            }
+            {"loss": loss, "grad_bytes": grads, "trainable": trainable, "state_bytes": device_state}
+            | {"host_state_bytes": host_state, "master_bytes": self.run.masters(trainer)}
         )
         self._grads = (0, 0)
 
-    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.recording or (self.evals and self.evals[-1]["step"] == trainer.global_step):
             return
@@ -175,49 +152,17 @@ def make_data(suite_cfg: DictConfig, data_seed: int, seed: int) -> LightningData
     """The suite's data module, set up: splits cut with ``data_seed`` (the same for every run), the training batches
     shuffled with ``seed``."""
     settings = {key: value for key, value in suite_cfg.data.items() if key != "name"}
-    data: LightningDataModule
-    if suite_cfg.task == "causal_lm":
-        data = LanguageModelingDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
-    elif suite_cfg.data.name == "bbc":
-        data = BBCNewsDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
-    else:
-        data = TweetSentimentDataModule(tokenizer=suite_cfg.model, seed=data_seed, **settings)
+    kind = "causal_lm" if suite_cfg.task == "causal_lm" else suite_cfg.data.name
+    data_class = {"causal_lm": tasks.LanguageModelingDataModule, "bbc": tasks.BBCNewsDataModule}.get(kind)
+    data = (data_class or tasks.TweetSentimentDataModule)(tokenizer=suite_cfg.model, seed=data_seed, **settings)
     data.setup("fit")
     data.seed = seed  # type: ignore[attr-defined]  # read by train_dataloader only: the splits are cut
     return data
 
 
-def train_examples(data: LightningDataModule) -> int:
-    return len(data.train_dataloader().dataset)  # type: ignore[arg-type]
-
-
-def load_model(suite_cfg: DictConfig, data: LightningDataModule) -> nn.Module:
-    if suite_cfg.task == "classifier":
-        return load_sequence_classifier(suite_cfg.model, data.num_classes)  # type: ignore[attr-defined]
-    return load_causal_lm(suite_cfg.model)
-
-
-def suite_settings(config: DictConfig, suite: str) -> dict[str, Any]:
-    """What every run of the suite shares (model, data, steps, schedule, seeds, accelerator), for its records."""
-    settings = OmegaConf.to_container(config[suite], resolve=True)
-    assert isinstance(settings, dict)
-    del settings["methods"]
-    return {**settings, "suite": suite, "data_seed": config.data_seed, "accelerator": config.accelerator}
-
-
-def method_settings(config: DictConfig, suite: str, method: str) -> dict[str, Any]:
-    entry = OmegaConf.to_container(config[suite].methods[method], resolve=True)
-    assert isinstance(entry, dict)
-    return entry
-
-
 def run_one(config: DictConfig, suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
     """Train one method of a suite at one rate and seed and return its record; a peer that cannot run returns an
-    unavailable record.
-
-    Runs in the calling process, so its peak resident memory is the process's: the driver calls it in a fresh
-    process per run.
-    """
+    unavailable record. Its peak resident memory is the calling process's: the driver starts one per run."""
     suite_cfg = config[suite]
     entry = suite_cfg.methods[method]
     record: dict[str, Any] = {
@@ -225,56 +170,53 @@ def run_one(config: DictConfig, suite: str, method: str, lr: float, seed: int) -
         "index": list(suite_cfg.methods).index(method),
         "kind": entry.kind,
         "lr_from": entry.get("lr_from", ""),
-        "config": method_settings(config, suite, method),
+        "config": as_dict(entry),
         "settings": suite_settings(config, suite),
         "command": config.get("command", ""),
         "machine": machine(),
         "threads": torch.get_num_threads(),
     }
     started = time.perf_counter()
-    others = OtherProcesses()
+    others = other_cores()
     seed_everything(seed, workers=True)
     data = make_data(suite_cfg, config.data_seed, seed)
     try:
-        model = load_model(suite_cfg, data)
-        hyper = Hyper(lr, suite_cfg.weight_decay, suite_cfg.warmup_ratio, suite_cfg.data.batch_size)
-        run = build(suite_cfg.task, model, hyper, entry, seed, train_examples(data))
-        record |= train(run, config, suite_cfg, data)
+        if suite_cfg.task == "classifier":
+            model = tasks.load_sequence_classifier(suite_cfg.model, data.num_classes)  # type: ignore[attr-defined]
+        else:
+            model = tasks.load_causal_lm(suite_cfg.model)
+        examples = len(data.train_dataloader().dataset)  # type: ignore[arg-type]
+        schedule = (suite_cfg.weight_decay, suite_cfg.warmup_ratio, suite_cfg.data.batch_size)
+        hyper = Hyper(suite_cfg.task, lr, *schedule, seed, examples)
+        record |= train(build(model, entry, hyper), config, suite_cfg, data)
     except Exception as err:
         if entry.kind not in PEER_PACKAGES:
             raise
         record |= {"status": "unavailable", "reason": describe_failure(err, PEER_PACKAGES[entry.kind])}
-    record["wall_seconds"] = time.perf_counter() - started
-    record["other_cores"] = others.cores()
-    return record
+    return record | {"wall_seconds": time.perf_counter() - started, "other_cores": others()}
 
 
 def run_key(suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
     return {"suite": suite, "method": method, "lr": lr, "seed": seed}
 
 
-class OtherProcesses:
-    """How many cores other processes kept busy since this object was made.
+def other_cores() -> Any:
+    """A function giving the average cores other processes kept busy since this call: other work stretches step
+    times, badly so when it competes with torch's threads, and the report says how busy the machine was."""
 
-    Other work stretches step times, badly so when it competes with torch's threads: the report says how busy the
-    machine was.
-    """
-
-    def __init__(self) -> None:
-        self._process = psutil.Process()
-        self._start = self._sample()
-
-    def _sample(self) -> tuple[float, float, float]:
-        machine = psutil.cpu_times()
+    def sample() -> tuple[float, float]:
+        machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
         busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-        own = self._process.cpu_times()
-        return time.monotonic(), busy, own.user + own.system
+        return time.monotonic(), busy - own.user - own.system
 
-    def cores(self) -> float:
-        """Average cores used by other processes."""
-        end = self._sample()
-        elapsed = end[0] - self._start[0]
-        return max(0.0, ((end[1] - self._start[1]) - (end[2] - self._start[2])) / elapsed) if elapsed > 0 else 0.0
+    start = sample()
+
+    def cores() -> float:
+        end = sample()
+        elapsed = end[0] - start[0]
+        return max(0.0, (end[1] - start[1]) / elapsed) if elapsed > 0 else 0.0
+
+    return cores
 
 
 def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: LightningDataModule) -> dict[str, Any]:
@@ -282,9 +224,9 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
     score the validation split, and return the figures of the record."""
     timer = StepTimer()
     metric = METRICS[suite_cfg.task]
-    meter = Meter(timer, run.accounting, metric)
+    meter = Meter(timer, run, metric)
     test_loader = data.test_dataloader()
-    trainer = Trainer(
+    trainer = quiet_trainer(
         accelerator=config.accelerator,
         devices=1,
         strategy=run.strategy,
@@ -298,10 +240,6 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
         # The meter before the method's callbacks, to measure a step before HiFT switches blocks; the timer last,
         # so that a step's time includes what a method does after its update (HiFT's switch).
         callbacks=[meter, *run.callbacks, timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.validate(run.module, dataloaders=test_loader, verbose=False)
     trainer.fit(run.module, train_dataloaders=data.train_dataloader(), val_dataloaders=test_loader)
@@ -309,10 +247,9 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
         trainer.validate(run.module, dataloaders=test_loader, verbose=False)
     meter.recording = False
     trainer.validate(run.module, dataloaders=data.val_dataloader(), verbose=False)
-    val_score = float(trainer.callback_metrics[metric])
     steps = pd.DataFrame(meter.steps)
     steps["device_bytes"] = steps.grad_bytes + steps.state_bytes
-    peaks = {key: int(steps[key].max()) for key in ("device_bytes", "grad_bytes", "state_bytes", "host_state_bytes")}
+    peaks = steps[["device_bytes", "grad_bytes", "state_bytes", "host_state_bytes", "master_bytes"]].max()
     return {
         "status": "ok",
         "description": run.description,
@@ -320,13 +257,12 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
         "params": sum(p.numel() for p in run.module.parameters()),
         "seconds_per_step": timer.median_seconds,
         "train_seconds": sum(timer.seconds),
-        **peaks,
-        "master_bytes": int(steps.master_bytes.max()),
+        **{key: int(value) for key, value in peaks.items()},
         "trainable_mean": float(steps.trainable.mean()),
         "trainable_max": int(steps.trainable.max()),
         "loss": steps.loss.tolist(),
         "evals": meter.evals,
-        "val_score": val_score,
+        "val_score": float(trainer.callback_metrics[metric]),
         **run.facts,
         **peak_memory(trainer.strategy.root_device),
     }
@@ -348,12 +284,9 @@ def machine() -> str:
     import lightning
     import transformers
 
-    cpu = "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line), cpu
-        )
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if "model name" in line), "unknown CPU")
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no accelerator"
     versions = f"torch {torch.__version__}, Lightning {lightning.__version__}, transformers {transformers.__version__}"
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores{gpu}; {versions}"
@@ -362,29 +295,23 @@ def machine() -> str:
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 
-def records_dir(out: Path, suite: str) -> Path:
-    return out / "benchmark_runs" / suite
-
-
 def record_path(out: Path, suite: str, method: str, lr: float, seed: int) -> Path:
-    return records_dir(out, suite) / method / f"lr={lr_text(lr)}-seed={seed}.json"
+    return out / "benchmark_runs" / suite / method / f"lr={lr_text(lr)}-seed={seed}.json"
 
 
 def spawn(out: Path, suite: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
     """Run one method in a child process; return a failure record if it wrote none (its traceback is shown)."""
-    job = f"{suite}/{method}/{lr!r}/{seed}"
-    command = [sys.executable, str(Path(__file__).resolve()), f"run_one={job}", f"out={out}"]
+    command = [sys.executable, str(Path(__file__).resolve()), f"run_one={suite}/{method}/{lr!r}/{seed}", f"out={out}"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
-    tail: deque[str] = deque(maxlen=1)
+    last = ""
     for line in child.stderr:  # shown as it comes, the last line kept as the reason of a failure
         sys.stderr.write(line)
-        if line.strip():
-            tail.append(line.strip())
+        last = line.strip() or last
     code = child.wait()
     if code == 0 and record_path(out, suite, method, lr, seed).is_file():
         return None
-    return {**run_key(suite, method, lr, seed), "status": "failed", "reason": f"exit code {code}: {''.join(tail)}"}
+    return {**run_key(suite, method, lr, seed), "status": "failed", "reason": f"exit code {code}: {last}"}
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
@@ -393,37 +320,22 @@ def write_record(out: Path, record: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def existing_record(
-    config: DictConfig, out: Path, suite: str, method: str, lr: float, seed: int
-) -> dict[str, Any] | None:
-    """The saved record of this run if it was made with the current settings; a stale one is deleted."""
-    path = record_path(out, suite, method, lr, seed)
+def existing_record(config: DictConfig, suite: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
+    """The saved record of this run if it was made with the current settings; a stale one is deleted. A run does not
+    depend on how many seeds its suite has, on the rest of its grid, or on where the grid comes from."""
+    path = record_path(output_dir(config), suite, method, lr, seed)
     if not path.is_file():
         return None
     record: dict[str, Any] = json.loads(path.read_text())
-    same = _run_settings(record.get("settings", {})) == _run_settings(suite_settings(config, suite))
-    same = same and _run_config(record.get("config", {})) == _run_config(method_settings(config, suite, method))
+    current = {"settings": suite_settings(config, suite), "config": as_dict(config[suite].methods[method])}
+    ignored = {"settings": ("seeds",), "config": ("lr_grid", "lr_from")}
+    same = all(
+        without(record.get(part, {}), ignored[part]) == without(current[part], ignored[part]) for part in current
+    )
     if same and record.get("status") != "failed":
         return record
     path.unlink()
     return None
-
-
-def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a run depends on: how many seeds the suite has does not change a run."""
-    return {key: value for key, value in settings.items() if key != "seeds"}
-
-
-def drop_off_grid(out: Path, suite: str, method: str, grid: list[float]) -> None:
-    """Delete a method's records at rates its grid no longer has, so that the report shows the grid as configured."""
-    for path in (records_dir(out, suite) / method).glob("*.json"):
-        if float(json.loads(path.read_text())["lr"]) not in grid:
-            path.unlink()
-
-
-def _run_config(entry: dict[str, Any]) -> dict[str, Any]:
-    """The method settings a run depends on: the rest of its grid, and where the grid comes from, do not change it."""
-    return {key: value for key, value in entry.items() if key not in ("lr_grid", "lr_from")}
 
 
 def child_main(job: str, out: Path) -> None:
@@ -452,35 +364,37 @@ class Driver:
     the rate the grid chose. Records failures as records, so the report says what is missing and why."""
 
     def __init__(self, config: DictConfig) -> None:
-        self.out = output_dir(config)
-        self.config = config
-        self.failed: list[str] = []
+        self.out, self.config, self.failed = output_dir(config), config, []
 
     def run(self, suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
-        record = existing_record(self.config, self.out, suite, method, lr, seed)
+        record = existing_record(self.config, suite, method, lr, seed)
         if record is not None:
             return record
         print(f"== {suite}/{method} lr={lr_text(lr)} seed={seed}", flush=True)
         failure = spawn(self.out, suite, method, lr, seed)
-        if failure is not None:
-            self.failed.append(f"{suite}/{method} lr={lr_text(lr)} seed={seed}")
-            index = list(self.config[suite].methods).index(method)
-            write_record(self.out, {**failure, "index": index, "settings": suite_settings(self.config, suite)})
-            return failure
-        return existing_record(self.config, self.out, suite, method, lr, seed) or {}
+        if failure is None:
+            return existing_record(self.config, suite, method, lr, seed) or {}
+        self.failed.append(f"{suite}/{method} lr={lr_text(lr)} seed={seed}")
+        index = list(self.config[suite].methods).index(method)
+        write_record(self.out, {**failure, "index": index, "settings": suite_settings(self.config, suite)})
+        return failure
 
     def suite(self, suite: str, methods: list[str]) -> None:
         suite_cfg = self.config[suite]
         first, *others = range(suite_cfg.seeds)
         chosen: dict[str, float] = {}
         for method in methods:
-            drop_off_grid(self.out, suite, method, [float(lr) for lr in suite_cfg.methods[method].lr_grid])
-            grid = []
-            for lr in suite_cfg.methods[method].lr_grid:
-                grid.append(self.run(suite, method, float(lr), first))
-                if grid[-1].get("status") == "unavailable":  # not on this machine, whatever the rate
+            grid = [float(lr) for lr in suite_cfg.methods[method].lr_grid]
+            # Records at rates the grid no longer has go, so that the report shows the grid as configured.
+            for path in (self.out / "benchmark_runs" / suite / method).glob("*.json"):
+                if float(json.loads(path.read_text())["lr"]) not in grid:
+                    path.unlink()
+            runs: list[dict[str, Any]] = []
+            for lr in grid:
+                runs.append(self.run(suite, method, lr, first))
+                if runs[-1].get("status") == "unavailable":  # not on this machine, whatever the rate
                     break
-            rate = choose_lr(grid, suite_cfg.task)
+            rate = choose_lr(runs, suite_cfg.task)
             if rate is not None:
                 chosen[method] = rate
         for seed in others:
@@ -506,7 +420,7 @@ def benchmark(config: DictConfig, overrides: list[str]) -> None:
     driver = Driver(config)
     for suite in selected_suites(config):
         if config.fresh:
-            shutil.rmtree(records_dir(out, suite), ignore_errors=True)
+            shutil.rmtree(out / "benchmark_runs" / suite, ignore_errors=True)
         driver.suite(suite, methods_of(config, suite, config.methods))
         write_report(out)  # after each suite, so that a long benchmark shows its finished parts
     if driver.failed:

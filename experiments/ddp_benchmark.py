@@ -4,12 +4,9 @@
     python experiments/ddp_benchmark.py --steps 8 --out /tmp/x  # a quick look
 
 Every method trains the same model on the same data with the same global batch (``--batch-size`` per process
-times the number of processes) for ``--steps`` optimizer steps. Bytes are counted where they leave a process:
-gradients at ``torch.distributed.all_reduce`` (HiFT's buckets; DDP's, through a counting communication hook) and
-``reduce_scatter_single`` (FSDP2), weights at ``all_gather_single`` (FSDP2 gathering each unit for its forward and
-backward). ``fsdp`` is full fine-tuning on Lightning's ``ModelParallelStrategy`` with the model sharded by unit as
-``hift_fsdp`` shards it. One-process rows (all cores in one process) are there for scale. The table goes to
-``--out``/ddp.md (by default experiments/results/), each run's figures to ``--out``/ddp_runs/METHOD.json.
+times the number of processes) for ``--steps`` optimizer steps; ``fsdp`` is full fine-tuning on Lightning's
+``ModelParallelStrategy``, the model sharded by unit as ``hift_fsdp`` shards it. What the columns count is said under
+the table, in ``--out``/ddp.md; each run's figures go to ``--out``/ddp_runs/METHOD.json.
 """
 
 import os
@@ -20,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +25,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
-from run_summary import markdown
+from run_summary import RESULTS, arguments, markdown, timed_fit, write_page
 
 from lightning_hift import HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
 from lightning_hift.fsdp import gathering_launcher, shard_by_unit
 from lightning_hift.tasks import SequenceClassifier, StepTimer, TweetSentimentDataModule
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("ddp", "hift_ddp_m1", "hift_ddp_m2", "fsdp", "hift_fsdp_m1", "single_full", "single_hift_m1")
 COLLECTIVES = {
     "all_reduce": ("grads", 0, "tensor"),
@@ -79,12 +74,11 @@ class SpawnedModelParallel(ModelParallelStrategy):
 
 class TrafficMeter(Callback):
     """Counts the bytes of the collectives in :data:`COLLECTIVES` made during training batches; rank 0 writes the
-    figures as JSON."""
+    figures, with the step time of the run's :class:`StepTimer`, as JSON."""
 
-    def __init__(self, path: str, timer: StepTimer) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.bytes = {"grads": 0, "gathered": 0}
-        self.timer = timer
         self._in_batch = False
         self._originals: dict[str, Any] = {}
 
@@ -105,74 +99,57 @@ class TrafficMeter(Callback):
             setattr(dist, name, original)
         self._originals = {}
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self._in_batch = True
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._in_batch = False
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
             return
-        grads = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        steps = max(1, trainer.global_step)
         record = {
             "steps": trainer.global_step,
             "processes": trainer.world_size,
             "threads": torch.get_num_threads(),
-            "median_s_per_step": self.timer.median_seconds,
-            "bytes_per_step": self.bytes["grads"] / max(1, trainer.global_step),
-            "gathered_bytes_per_step": self.bytes["gathered"] / max(1, trainer.global_step),
-            "all_grad_bytes": grads,
+            "median_s_per_step": next(c for c in trainer.callbacks if isinstance(c, StepTimer)).median_seconds,
+            "bytes_per_step": self.bytes["grads"] / steps,
+            "gathered_bytes_per_step": self.bytes["gathered"] / steps,
+            "all_grad_bytes": sum(p.numel() * p.element_size() for p in pl_module.parameters()),
             "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         }
         Path(self.path).write_text(json.dumps(record))
 
 
-def make_strategy(method: str, processes: int) -> Strategy:
-    if method == "ddp":
-        return CountedDDPStrategy(start_method="spawn")
-    if method.startswith("hift_ddp_m"):
-        return HiFTDDPStrategy(layers_per_block=int(method.removeprefix("hift_ddp_m")), start_method="spawn")
-    if method == "fsdp":
-        return SpawnedModelParallel(data_parallel_size=processes, tensor_parallel_size=1)
-    if method.startswith("hift_fsdp_m"):
-        return HiFTFSDPStrategy(layers_per_block=int(method.removeprefix("hift_fsdp_m")), start_method="spawn")
-    if method.startswith("single_hift_m"):
-        return HiFTStrategy(layers_per_block=int(method.removeprefix("single_hift_m")))
-    if method == "single_full":
-        return "auto"  # type: ignore[return-value]
-    raise SystemExit(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+def make_strategy(method: str, processes: int) -> Strategy | str:
+    kind, _, blocks = method.rpartition("_m") if "hift" in method else (method, "", "0")
+    m = int(blocks)  # layers per block
+    return {
+        "ddp": lambda: CountedDDPStrategy(start_method="spawn"),
+        "hift_ddp": lambda: HiFTDDPStrategy(layers_per_block=m, start_method="spawn"),
+        "fsdp": lambda: SpawnedModelParallel(data_parallel_size=processes, tensor_parallel_size=1),
+        "hift_fsdp": lambda: HiFTFSDPStrategy(layers_per_block=m, start_method="spawn"),
+        "single_hift": lambda: HiFTStrategy(layers_per_block=m),
+        "single_full": lambda: "auto",
+    }[kind]()
 
 
 def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     processes = 1 if method.startswith("single") else args.processes
     seed_everything(args.seed)
     lr = args.hift_lr if "hift" in method else args.full_lr
-    data = TweetSentimentDataModule(
-        tokenizer=args.model, batch_size=args.batch_size * args.processes // processes, seed=args.seed
-    )
-    module_class = ShardedClassifier if method == "fsdp" else SequenceClassifier
-    module = module_class(args.model, num_labels=data.num_classes, lr=lr)
-    timer = StepTimer()
+    batch_size = args.batch_size * args.processes // processes
+    data = TweetSentimentDataModule(tokenizer=args.model, batch_size=batch_size, seed=args.seed)
+    module = (ShardedClassifier if method == "fsdp" else SequenceClassifier)(args.model, data.num_classes, lr=lr)
     path = out / "ddp_runs" / f"{method}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=processes,
-        strategy=make_strategy(method, processes),
-        max_steps=args.steps,
-        callbacks=[timer, TrafficMeter(str(path), timer)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    meter = TrafficMeter(str(path))
+    settings = {"strategy": make_strategy(method, processes), "max_steps": args.steps, "limit_val_batches": 0}
+    _, _, seconds = timed_fit(
+        module, data, callbacks=[meter], accelerator="cpu", devices=processes, num_sanity_val_steps=0, **settings
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    record = json.loads(path.read_text())
-    record.update(method=method, wall_s=time.perf_counter() - started, lr=lr)
+    record = {**json.loads(path.read_text()), "method": method, "wall_s": seconds, "lr": lr}
     path.write_text(json.dumps(record))
     return record
 
@@ -199,7 +176,7 @@ def table(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__, RESULTS)
     parser.add_argument("--model", default="minilm", help="'minilm' (offline) or a model folder")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--processes", type=int, default=2)
@@ -208,10 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--hift-lr", type=float, default=5e-5, help="times the blocks in each update (lr_scale)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite ddp.md from the saved ddp_runs/*.json")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         saved = {path.stem: json.loads(path.read_text()) for path in (args.out / "ddp_runs").glob("*.json")}
         records = [{"method": method, **saved[method]} for method in args.methods if method in saved]
@@ -232,8 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         " vs DDP: this row's over the DDP row's (below 1 is faster, or less). One-process rows use both cores in one"
         " process.\n"
     )
-    (args.out / "ddp.md").write_text(report)
-    print(report)
+    write_page(args.out / "ddp.md", report)
 
 
 if __name__ == "__main__":

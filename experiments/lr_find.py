@@ -9,35 +9,23 @@ HiFT, not for full fine-tuning. Prints a table and writes ``experiments/results/
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.tuner import Tuner
-from run_summary import markdown
-from train import build_module
+from run_summary import RESULTS, arguments, markdown, quiet_trainer, write_page
+from train import compose_task
 
 import lightning_hift  # noqa: F401  (registers strategy="hift")
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"HiFT (strategy='hift', defaults)": "hift", "full fine-tuning (strategy='auto')": "auto"}
 
 
 def suggest(overrides: list[str], strategy: str, num_training: int) -> float | None:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    seed_everything(cfg.seed, workers=True)
-    data = instantiate(cfg.task.data)
-    module = build_module(cfg.task.module, data)
-    trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False, max_steps=1000
-    )
+    _, data, module = compose_task(overrides)
+    trainer = quiet_trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1000, enable_progress_bar=True)
     finder = Tuner(trainer).lr_find(
         module, datamodule=data, min_lr=1e-6, max_lr=1e-1, num_training=num_training, update_attr=False
     )
@@ -45,25 +33,19 @@ def suggest(overrides: list[str], strategy: str, num_training: int) -> float | N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__, RESULTS / "lr_find.md")
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for conf/train.yaml")
     parser.add_argument("--num-training", type=int, default=100, help="steps of the range test")
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "lr_find.md")
     args = parser.parse_args()
     rows = []
     for name, strategy in METHODS.items():
         lr = suggest(args.overrides, strategy, args.num_training)
         rows.append((name, "none" if lr is None else f"{lr:.2e}"))
     task = " ".join(args.overrides) or "defaults (MiniLM, tweets, AdamW, batch 16)"
-    lines = [
-        f"# lr_find suggestions: {task}, {args.num_training} range-test steps from 1e-6 to 1e-1",
-        "",
-        markdown(pd.DataFrame(rows, columns=["method", "suggested learning rate"])),
-        "",
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    table = markdown(pd.DataFrame(rows, columns=["method", "suggested learning rate"]))
+    write_page(
+        args.out, f"# lr_find suggestions: {task}, {args.num_training} range-test steps from 1e-6 to 1e-1\n\n{table}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ the number of blocks:
 - **SmolLM2**: ``experiment=smollm2_lm`` from ``conf/`` (causal LM on the tweet text, 32 blocks; full fine-tuning's
   rate 3e-5), for 64 steps: many blocks, so a large k.
 
-Scores on the validation split (the test split is left alone). Prints a table and writes
-``experiments/results/lr_scale.md``.
+Scores on the validation split (the test split is left alone); the table goes to experiments/results/lr_scale.md.
 """
 
 from __future__ import annotations
@@ -25,31 +24,25 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import logging
 import math
-import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
-from run_summary import markdown
+from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
+from run_summary import RESULTS, arguments, markdown, timed_fit, write_page
 from torch import Tensor
-from train import build_module
+from train import compose_task
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from lightning_hift import HiFTStrategy, partition
 from lightning_hift.tasks import TweetSentimentDataModule
 from lightning_hift.tasks.models import resolve_model
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "experiments" / "results" / "lr_scale.md"
+SETTINGS = {"glue": (60, 2e-5), "minilm": (240, 5e-5), "smollm2": (64, 3e-5)}
+"""Each module's steps and its full fine-tuning recipe's rate."""
 
 
 class GLUEStyleClassifier(LightningModule):
@@ -80,121 +73,79 @@ class GLUEStyleClassifier(LightningModule):
         self.log_dict({"val/loss": outputs.loss, "val/acc": accuracy}, batch_size=len(batch["labels"]))
 
     def configure_optimizers(self) -> Any:
-        no_decay = ("bias", "LayerNorm.weight")
-        named = list(self.model.named_parameters())
-        groups = [
-            {
-                "params": [p for n, p in named if not any(nd in n for nd in no_decay)],
-                "weight_decay": self.hparams["weight_decay"],
-            },
-            {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams["learning_rate"], eps=self.hparams["adam_epsilon"])
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, self.hparams["warmup_steps"], self.trainer.estimated_stepping_batches
-        )
+        no_decay, hp = ("bias", "LayerNorm.weight"), self.hparams
+        decayed = [p for n, p in self.model.named_parameters() if not any(nd in n for nd in no_decay)]
+        rest = [p for n, p in self.model.named_parameters() if any(nd in n for nd in no_decay)]
+        groups = [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, eps=hp.adam_epsilon)
+        steps = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, steps)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One module and budget: how to build its data and module, and its full fine-tuning recipe."""
-
-    name: str
-    steps: int
-    recipe_lr: float
-
-    def build(self, seed: int) -> tuple[LightningDataModule, LightningModule]:
-        if self.name == "glue":
-            data = TweetSentimentDataModule(tokenizer="minilm", batch_size=32, eval_batch_size=64, seed=seed)
-            module = GLUEStyleClassifier(str(resolve_model("minilm")), num_labels=2, learning_rate=self.recipe_lr)
-            return data, module
-        experiment = ["experiment=smollm2_lm"] if self.name == "smollm2" else []
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[*experiment, "hift=fpft", f"lr={self.recipe_lr}", f"seed={seed}"])
-        data = instantiate(cfg.task.data)
-        return data, build_module(cfg.task.module, data)
+def build(name: str, seed: int) -> tuple[LightningDataModule, LightningModule]:
+    """The data and module of one setting, made after seeding by ``seed``."""
+    recipe_lr = SETTINGS[name][1]
+    if name == "glue":
+        data = TweetSentimentDataModule(tokenizer="minilm", batch_size=32, eval_batch_size=64, seed=seed)
+        return data, GLUEStyleClassifier(str(resolve_model("minilm")), num_labels=2, learning_rate=recipe_lr)
+    experiment = ["experiment=smollm2_lm"] if name == "smollm2" else []
+    _, data, module = compose_task([*experiment, "hift=fpft", f"lr={recipe_lr}", f"seed={seed}"])
+    return data, module
 
 
-SETTINGS = {
-    "glue": Setting("glue", steps=60, recipe_lr=2e-5),
-    "minilm": Setting("minilm", steps=240, recipe_lr=5e-5),
-    "smollm2": Setting("smollm2", steps=64, recipe_lr=3e-5),
-}
-
-
-def run(setting: Setting, scale: float | None, seed: int) -> dict[str, float]:
+def run(name: str, scale: float | None, seed: int) -> dict[str, float]:
     """Fit at the recipe's rate (``scale`` None: full fine-tuning) and score the validation split."""
     seed_everything(seed, workers=True)
-    data, module = setting.build(seed)
+    data, module = build(name, seed)
+    steps = SETTINGS[name][0]
     strategy: Any = "auto" if scale is None else HiFTStrategy(lr_scale=scale, seed=seed)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        max_steps=setting.steps,
-        val_check_interval=setting.steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    schedule = {"max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None}
+    trainer, _, seconds = timed_fit(
+        module, data, accelerator="cpu", devices=1, strategy=strategy, num_sanity_val_steps=0, **schedule
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - started
     metrics = trainer.callback_metrics
     loss = float(metrics["val/loss"]) if "val/loss" in metrics else math.nan  # the classifier logs no loss
     score = float(metrics["val/acc"]) if "val/acc" in metrics else float(metrics["val/ppl"])
     return {"loss": loss, "score": score, "seconds": seconds}
 
 
-def blocks_of(setting: Setting) -> int:
-    _, module = setting.build(0)
-    return len(partition(module, 1))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__, RESULTS / "lr_scale.md")
     parser.add_argument("--only", choices=sorted(SETTINGS), nargs="+", default=sorted(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     rows = []
     for name in args.only:
-        setting = SETTINGS[name]
-        k = blocks_of(setting)
+        (steps, recipe_lr), k = SETTINGS[name], len(partition(build(name, 0)[1], 1))
         scales = {"1": 1.0, "sqrt(k)": math.sqrt(k), f"k ('blocks', {k})": float(k), "2k": 2.0 * k}
         for method, scale in {
             "full fine-tuning": None,
             **{f"HiFT, lr_scale={s}": v for s, v in scales.items()},
         }.items():
-            result = run(setting, scale, args.seed)
+            result = run(name, scale, args.seed)
             rows.append(
                 {
                     "module": name,
-                    "steps": setting.steps,
-                    "recipe lr": f"{setting.recipe_lr:.0e}",
+                    "steps": steps,
+                    "recipe lr": f"{recipe_lr:.0e}",
                     "method": method,
                     "lr_scale": "" if scale is None else f"{scale:.2f}",
-                    "effective lr": f"{setting.recipe_lr * (scale or 1.0):.2e}",
+                    "effective lr": f"{recipe_lr * (scale or 1.0):.2e}",
                     "val loss": "n/a" if math.isnan(result["loss"]) else f"{result['loss']:.3f}",
                     "val acc / ppl": f"{result['score']:.3f}",
                     "fit seconds": f"{result['seconds']:.0f}",
                 }
             )
             print(rows[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    page = (
         "# HiFT at a full fine-tuning recipe's learning rate: the effect of `lr_scale`\n\n"
         "Written by `python experiments/lr_scale.py` (see its docstring for the three modules). Validation split,"
         f" seed {args.seed}; k is the number of blocks (one unit per block, bottom-up, the package defaults).\n\n"
-        + markdown(pd.DataFrame(rows))
-        + "\n"
     )
+    write_page(args.out, page + markdown(pd.DataFrame(rows)) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,56 @@
-"""What a training run reports: peak memory, a metrics.json in the run folder, and a small summary table."""
+"""What the experiments share: a quiet Trainer and a timed fit, peak memory, the results pages' tables, and what a
+training run reports (a metrics.json in the run folder, a small summary table)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 
 from lightning_hift import HiFTStrategyBase
+from lightning_hift.tasks import StepTimer
+
+RESULTS = Path(__file__).resolve().with_name("results")
+
+
+def quiet_trainer(**settings: Any) -> Trainer:
+    """A Trainer that writes nothing of its own (no logger, checkpoints, progress bar or model summary)."""
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return Trainer(**{**quiet, "enable_model_summary": False, **settings})
+
+
+def timed_fit(module: Any, *data: Any, callbacks: Any = (), **settings: Any) -> tuple[Trainer, StepTimer, float]:
+    """Fit under :func:`quiet_trainer` with a :class:`StepTimer` last among the callbacks, so that a step's time
+    includes what the others do at its end; returns the trainer, the timer and the fit's wall seconds."""
+    timer = StepTimer()
+    trainer = quiet_trainer(callbacks=[*callbacks, timer], **settings)
+    started = time.perf_counter()
+    trainer.fit(module, *data)
+    return trainer, timer, time.perf_counter() - started
+
+
+def arguments(doc: str, out: Path) -> argparse.ArgumentParser:
+    """A script's parser: its docstring as the help text, and ``--out``, where its page goes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def write_page(path: Path, page: str) -> None:
+    """Write a results page (creating its folder) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    print(page)
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

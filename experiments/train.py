@@ -144,6 +144,15 @@ def export(
     log.info("Exported the model to %s", folder)
 
 
+def compose_task(overrides: list[str]) -> tuple[DictConfig, LightningDataModule, LightningModule]:
+    """conf/train.yaml composed with ``overrides``, and its task's data and module, made after seeding by its seed."""
+    with hydra.initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = hydra.compose("train", overrides=overrides)
+    seed_everything(cfg.seed, workers=True)
+    data = instantiate(cfg.task.data)
+    return cfg, data, build_module(cfg.task.module, data)
+
+
 def build_module(cfg: DictConfig, data: LightningDataModule) -> LightningModule:
     """Instantiate the task's module; a classifier's head size (``num_labels: ???``) comes from the data."""
     if OmegaConf.is_missing(cfg, "num_labels"):
