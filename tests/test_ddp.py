@@ -20,117 +20,34 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_hift import HiFTConfigError, partition
+from lightning_hift import HiFTConfigError
 from lightning_hift.ddp import GradientAverager, split_into_buckets
 from lightning_hift.fsdp import ExitAfterExitHooksMixin
 from tests.helpers.distributed import (
+    WORLD,
     ExitWitness,
-    MismatchedSeedStrategy,
-    RankReport,
+    MismatchedSeedDDP,
     ShardedTinyModule,
-    StopAt,
+    assert_same,
+    fit_one_process,
+    fit_processes,
     load_reports,
+    saved_masters,
 )
-from tests.helpers.lightning import HiFTDDPStrategy, HiFTStrategy, ModelCheckpoint
+from tests.helpers.lightning import HiFTDDPStrategy
 from tests.helpers.modules import quiet_trainer
 from tests.helpers.tiny_models import TINY_MODELS
 from tests.helpers.tokenizers import word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES, GLOBAL_BATCH = 48, 8  # 6 global batches an epoch
-WORLD = 2
 
 
-def fit_two_processes(
-    out: Path,
-    max_steps: int,
-    ckpt_path: Path | None = None,
-    checkpoint_dir: Path | None = None,
-    stop_at: int | None = None,
-    **hift: Any,
-) -> list[dict[str, Any]]:
-    accumulate = hift.pop("accumulate", 1)
-    precision = hift.pop("precision", "32-true")
-    skip_layers_at = hift.pop("skip_layers_at", None)
-    optimizer = hift.pop("optimizer", "adamw")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    module = ShardedTinyModule(
-        optimizer=optimizer,
-        lr=1e-2,
-        schedule=(2, 12),
-        samples=SAMPLES,
-        batch_size=GLOBAL_BATCH // WORLD,
-        skew_by_rank=True,
-        skip_layers_at=skip_layers_at,
-    )
-    callbacks: list[Any] = [RankReport(out)]
-    if checkpoint_dir is not None:
-        callbacks.append(_checkpoint_at_the_end(checkpoint_dir, stop_at or max_steps))
-    if stop_at is not None:
-        callbacks.append(StopAt(stop_at))
-    trainer = quiet_trainer(
-        strategy=HiFTDDPStrategy(start_method="spawn", **hift),
-        devices=WORLD,
-        max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
-        precision=precision,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        enable_checkpointing=checkpoint_dir is not None,
-    )
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return load_reports(out, WORLD)
-
-
-def _checkpoint_at_the_end(folder: Path, max_steps: int) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=max_steps)
-
-
-def fit_one_process(
-    max_steps: int,
-    ckpt_path: Path | None = None,
-    checkpoint_dir: Path | None = None,
-    accumulate: int = 1,
-    stop_at: int | None = None,
-    clip: float | None = None,
-    optimizer: str = "adamw",
-    precision: str = "32-true",
-    module_class: type[ShardedTinyModule] = ShardedTinyModule,
-    **hift: Any,
-) -> dict[str, Any]:
-    torch.manual_seed(0)
-    module = module_class(optimizer=optimizer, lr=1e-2, schedule=(2, 12), samples=SAMPLES, batch_size=GLOBAL_BATCH)
-    callbacks: list[Any] = (
-        [] if checkpoint_dir is None else [_checkpoint_at_the_end(checkpoint_dir, stop_at or max_steps)]
-    )
-    if stop_at is not None:
-        callbacks.append(StopAt(stop_at))
-    trainer = quiet_trainer(
-        strategy=HiFTStrategy(**hift),
-        max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=clip,
-        precision=precision,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        enable_checkpointing=checkpoint_dir is not None,
-    )
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if exact:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            # Summing over processes rounds differently, and AdamW turns that into an update difference where a
-            # gradient element is near its eps (up to 5e-5 seen over 12 steps, hift_ddp and hift_fsdp alike). A
-            # wrong step moves a weight by about the learning rate: 1e-2 to 3e-2 here.
-            diff = float((a[name] - b[name]).abs().max())
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=f"{name}: {diff:.2e}")
+def python(*args: str, timeout: float | None = None, threads: str | None = "1") -> subprocess.CompletedProcess[str]:
+    """``python *args`` from the repository root (``threads``: OMP_NUM_THREADS); it must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)} | ({"OMP_NUM_THREADS": threads} if threads else {})
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.parametrize(
@@ -148,44 +65,35 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: b
 @pytest.mark.integration
 def test_two_processes_train_like_one_process_over_the_global_batch(tmp_path: Path, hift: dict[str, Any]) -> None:
     steps = 12  # two cycles of the six units (three of three blocks)
-    reports = fit_two_processes(tmp_path, steps, **dict(hift))  # rank 1 starts from skewed weights
-    accumulate = hift.pop("accumulate", 1)
+    reports = fit_processes(tmp_path, steps, **hift)  # rank 1 starts from skewed weights
+    accumulate = hift.get("accumulate", 1)
     assert [r["world_size"] for r in reports] == [WORLD, WORLD]
     # Equal to each other and to one process: rank 1 started from rank 0's weights.
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
-    assert_same(reports[0]["params"], fit_one_process(steps, accumulate=accumulate, **hift), exact=False)
+    assert_same(reports[0]["params"], fit_one_process(steps, **hift), exact=False)
 
     for report in reports:
         batches = report["batches"]
         assert len(batches) == steps * accumulate
         for i, batch in enumerate(batches):
             last_of_window = (i + 1) % accumulate == 0
-            # Counted at torch.distributed.all_reduce: the active block's gradients, once per optimizer step.
-            assert batch["bytes"] == (batch["block_grad_bytes"] if last_of_window else 0), i
-        assert report["bytes_reduced"] == sum(b["bytes"] for b in batches)
+            # Counted by torch's dispatcher: the active block's gradients, all-reduced once per optimizer step.
+            assert batch["sent"]["all_reduce"] == (batch["block_grad_bytes"] if last_of_window else 0), i
+        assert report["bytes_reduced"] == sum(b["sent"]["all_reduce"] for b in batches)
         assert report["bytes_reduced"] < steps * sum(p.nbytes for p in report["params"].values())
 
 
 @pytest.mark.integration
 def test_half_precision_weights_average_half_precision_grads_and_step_fp32_masters(tmp_path: Path) -> None:
-    reports = fit_two_processes(tmp_path, 6, precision="bf16-true")
+    reports = fit_processes(tmp_path, 6, precision="bf16-true")
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
     for report in reports:
         assert all(p.dtype == torch.bfloat16 for p in report["params"].values())
         # bf16 gradients: half the bytes of fp32 ones, the active block's only.
-        assert all(b["bytes"] == b["block_grad_bytes"] for b in report["batches"])
-    torch.manual_seed(0)  # the weights fit_two_processes starts from
+        assert all(b["sent"]["all_reduce"] == b["block_grad_bytes"] for b in report["batches"])
+    torch.manual_seed(0)  # the weights fit_processes starts from
     start = {n: p.to(torch.bfloat16) for n, p in ShardedTinyModule().named_parameters()}
     assert all(not torch.equal(start[n], p) for n, p in reports[0]["params"].items())  # every block was stepped
-
-
-def saved_masters(folder: Path) -> dict[str, torch.Tensor]:
-    """The fp32 masters of the half-precision run whose one checkpoint is in ``folder``, by parameter name."""
-    (ckpt,) = folder.iterdir()
-    masters = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
-    torch.manual_seed(0)
-    names = [name for block in partition(ShardedTinyModule()) for name in block.names]
-    return dict(zip(names, masters, strict=True))
 
 
 @pytest.mark.integration
@@ -197,11 +105,11 @@ def test_an_optimizer_that_calls_its_closure_twice_averages_every_call(
     # process stepped with its own and the processes drifted apart; with switch_every=2 the next step read the
     # second pass's buckets, still in flight.
     hift = {"optimizer": "sam", "switch_every": switch_every, "lr_scale": 1.0}
-    reports = fit_two_processes(tmp_path, 8, checkpoint_dir=tmp_path / "ckpt", precision=precision, **hift)
+    reports = fit_processes(tmp_path, 8, checkpoint_dir=tmp_path / "ckpt", precision=precision, **hift)
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
     for report in reports:
         # Each call's gradients are averaged: twice the active block's bytes every step.
-        assert all(b["bytes"] == 2 * b["block_grad_bytes"] for b in report["batches"])
+        assert all(b["sent"]["all_reduce"] == 2 * b["block_grad_bytes"] for b in report["batches"])
     one_process_fp32 = fit_one_process(8, **hift)
     if precision == "32-true":
         assert_same(reports[0]["params"], one_process_fp32, exact=False)
@@ -215,9 +123,9 @@ def test_an_optimizer_that_calls_its_closure_twice_averages_every_call(
 def test_a_block_without_gradient_on_some_processes_is_averaged_with_zeros_or_skipped_by_all(tmp_path: Path) -> None:
     # Step 2 trains net.layers.1, which process 1 bypasses then; step 4 trains net.layers.3, bypassed by both. Before
     # the processes agreed, process 0 waited in all-reduce for process 1 until the timeout.
-    reports = fit_two_processes(tmp_path, 6, skip_layers_at={0: {4}, 1: {2, 4}}, timeout=timedelta(seconds=60))
+    reports = fit_processes(tmp_path, 6, skip_layers_at={0: {4}, 1: {2, 4}}, timeout=timedelta(seconds=60))
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
-    torch.manual_seed(0)  # the weights fit_two_processes starts from (process 0's, broadcast)
+    torch.manual_seed(0)  # the weights fit_processes starts from (process 0's, broadcast)
     start = dict(ShardedTinyModule().named_parameters())
     params = reports[0]["params"]
     assert all(torch.equal(start[n], p) for n, p in params.items() if n.startswith("net.layers.3."))
@@ -229,12 +137,12 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Pat
     # Three blocks of two units, four steps each, six steps an epoch: step 10 is mid-slot, mid-cycle, mid-epoch.
     hift = {"layers_per_block": 2, "switch_every": 4}
     # The first run is set up for all 16 steps and stops at step 10, as an interrupted one would.
-    fit_two_processes(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
+    fit_processes(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=10, **hift)
     (ckpt,) = (tmp_path / "ckpt").iterdir()  # written once, by rank 0
     assert torch.load(ckpt, weights_only=True)["global_step"] == 10
 
-    resumed = fit_two_processes(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
-    uninterrupted = fit_two_processes(tmp_path / "full", 16, **hift)[0]["params"]
+    resumed = fit_processes(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
+    uninterrupted = fit_processes(tmp_path / "full", 16, **hift)[0]["params"]
     assert_same(resumed[0]["params"], resumed[1]["params"], exact=True)
     assert_same(resumed[0]["params"], uninterrupted, exact=True)
     assert_same(fit_one_process(16, ckpt_path=ckpt, **hift), uninterrupted, exact=False)
@@ -242,7 +150,7 @@ def test_a_checkpoint_resumes_on_two_processes_and_on_one_and_back(tmp_path: Pat
     # And a one-process checkpoint continues on two processes.
     fit_one_process(16, checkpoint_dir=tmp_path / "ckpt_one", stop_at=10, **hift)
     (ckpt_one,) = (tmp_path / "ckpt_one").iterdir()
-    continued = fit_two_processes(tmp_path / "continued", 16, ckpt_path=ckpt_one, **hift)
+    continued = fit_processes(tmp_path / "continued", 16, ckpt_path=ckpt_one, **hift)
     assert_same(continued[0]["params"], uninterrupted, exact=False)
 
 
@@ -265,33 +173,26 @@ print("process group after the fit:", dist.is_initialized(), flush=True)
 def test_the_process_group_is_destroyed_at_exit_while_the_interpreter_is_whole(strategy: str) -> None:
     # Left to the interpreter's final clean-up, gloo's threads could be torn down unjoined: an abort at the end of
     # some runs (SIGABRT, "terminate called without an active exception").
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", f"import lightning_hift\n{EXIT_SCRIPT}", strategy]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = python("-c", f"import lightning_hift\n{EXIT_SCRIPT}", strategy, timeout=300)
     assert "process group after the fit: True" in result.stdout  # kept for what the script does next
     assert "process group at exit: False" in result.stdout
 
 
 @pytest.mark.integration
 def test_torchrun_launches_the_script_launcher(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module"]
-    command += ["tests.helpers.ddp_script", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.helpers.ddp_script",
+           str(tmp_path))  # fmt: skip
     reports = load_reports(tmp_path, WORLD)
     assert_same(reports[0]["params"], reports[1]["params"], exact=True)
-    assert all(b["bytes"] == b["block_grad_bytes"] for b in reports[0]["batches"])
+    assert all(b["sent"]["all_reduce"] == b["block_grad_bytes"] for b in reports[0]["batches"])
 
 
 @pytest.mark.integration
 def test_processes_that_disagree_on_the_blocks_stop_before_training(tmp_path: Path) -> None:
-    trainer = quiet_trainer(strategy=MismatchedSeedStrategy(start_method="spawn"), devices=WORLD, max_steps=2)
     with pytest.raises(
         Exception, match=r"Process\(es\) \[1\] cut the model into different blocks, or have different HiFT settings"
     ):
-        trainer.fit(ShardedTinyModule())
+        fit_processes(tmp_path, 2, strategy_class=MismatchedSeedDDP)
 
 
 @pytest.mark.integration
@@ -397,12 +298,9 @@ def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> No
     model_dir = tmp_path / "tiny"
     TINY_MODELS["bert-seqcls"]().save_pretrained(model_dir)
     word_tokenizer().save_pretrained(model_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "experiments" / "ddp_benchmark.py"), "--model", str(model_dir)]
     methods = ("ddp", "hift_ddp_m1", "fsdp", "hift_fsdp_m1")
-    command += ["--methods", *methods, "--steps", "3", "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    python(str(ROOT / "experiments" / "ddp_benchmark.py"), "--model", str(model_dir), "--methods", *methods, "--steps",
+           "3", "--out", str(tmp_path), threads=None)  # fmt: skip
     ddp, hift, fsdp, hift_fsdp = (json.loads((tmp_path / "ddp_runs" / f"{m}.json").read_text()) for m in methods)
     assert ddp["bytes_per_step"] == ddp["all_grad_bytes"]  # DDP sends every gradient every step
     assert 0 < hift["bytes_per_step"] < ddp["bytes_per_step"]
@@ -416,7 +314,7 @@ def test_the_benchmark_script_counts_less_traffic_for_hift(tmp_path: Path) -> No
 
 
 def test_auto_chooses_one_block_size_for_every_process(tmp_path: Path) -> None:
-    reports = fit_two_processes(tmp_path, 3, layers_per_block="auto", memory_budget="1GiB")
+    reports = fit_processes(tmp_path, 3, layers_per_block="auto", memory_budget="1GiB")
     assert [r["layers_per_block"] for r in reports] == [6, 6]  # the whole model fits: one block of six units
     assert [len({b["block"] for b in r["batches"]}) for r in reports] == [1, 1]
 

@@ -3,6 +3,7 @@ global batch, send only the active block's gradients, and hold half of the optim
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,68 +12,28 @@ import torch
 
 from lightning_hift import HiFTConfigError
 from lightning_hift.memory import estimate_per_rank
-from tests.helpers.distributed import ShardedTinyModule, ShardReport, StopAt, load_reports
-from tests.helpers.lightning import HiFTCallback, HiFTFSDPStrategy, ModelCheckpoint, Trainer
-from tests.helpers.modules import quiet_trainer
-from tests.test_ddp import (
+from tests.helpers.distributed import (
     GLOBAL_BATCH,
     SAMPLES,
     WORLD,
+    MismatchedSeedFSDP,
+    ShardedTinyModule,
     assert_same,
     fit_one_process,
-    fit_two_processes,
+    fit_processes,
     saved_masters,
 )
+from tests.helpers.lightning import HiFTFSDPStrategy, Trainer
+from tests.helpers.modules import quiet_trainer
 
 pytestmark = pytest.mark.integration
 VERDICT_BYTES = 4
+fit_sharded = partial(fit_processes, strategy_class=HiFTFSDPStrategy)
 
 
-def fit_sharded(
-    out: Path,
-    max_steps: int,
-    module_class: type[ShardedTinyModule] = ShardedTinyModule,
-    ckpt_path: Path | None = None,
-    checkpoint_dir: Path | None = None,
-    stop_at: int | None = None,
-    clip: float | None = None,
-    optimizer: str = "adamw",
-    precision: str = "32-true",
-    accumulate: int = 1,
-    world: int = WORLD,
-    strategy_class: type[HiFTFSDPStrategy] = HiFTFSDPStrategy,
-    **hift: Any,
-) -> list[dict[str, Any]]:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    # Rank 1 starts from skewed weights unless the module shards itself (then its weights are its own business).
-    skew = module_class is ShardedTinyModule
-    module = module_class(
-        optimizer=optimizer,
-        lr=1e-2,
-        schedule=(2, 12),
-        samples=SAMPLES,
-        batch_size=GLOBAL_BATCH // world,
-        skew_by_rank=skew,
-    )
-    callbacks: list[Any] = [ShardReport(out), HiFTCallback()]  # the report sees each step before the switch
-    if checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=stop_at))
-    if stop_at is not None:
-        callbacks.append(StopAt(stop_at))
-    trainer = quiet_trainer(
-        strategy=strategy_class(start_method="spawn", **hift),
-        devices=world,
-        gradient_clip_val=clip,
-        precision=precision,
-        accumulate_grad_batches=accumulate,
-        max_steps=max_steps,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        enable_checkpointing=checkpoint_dir is not None,
-    )
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return load_reports(out, world)
+def sent(batch: dict[str, Any]) -> tuple[int, int]:
+    """The bytes a micro-batch reduce-scattered and all-reduced."""
+    return batch["sent"]["reduce_scatter"], batch["sent"]["all_reduce"]
 
 
 @pytest.mark.parametrize(
@@ -91,7 +52,7 @@ def test_two_sharded_processes_train_like_one_process_over_the_global_batch(tmp_
         for batch in batches:
             # FSDP2 reduce-scatters exactly the active block's gradients (the others have none); besides, one int:
             # the processes' common verdict on whether the gradients are finite.
-            assert batch["sent"] == {"reduce_scatter": batch["block_grad_bytes"], "all_reduce": VERDICT_BYTES}
+            assert sent(batch) == (batch["block_grad_bytes"], VERDICT_BYTES)
     # Each process holds half of the weights and of the active block's gradients and state, as the planner says.
     planned = estimate_per_rank(ShardedTinyModule(), WORLD, prefetch=False).ranks["hift_fsdp"]  # no prefetch on CPU
     largest = max(batch["block_grad_bytes"] for batch in reports[0]["batches"])
@@ -158,7 +119,7 @@ def sharded_and_replicated(tmp_path: Path, steps: int, precision: str) -> tuple[
     """The same run under hift_fsdp and under hift_ddp: the sharded run's reports, its gathered weights, and the
     replicated run's weights."""
     reports = fit_sharded(tmp_path / "fsdp", steps, precision=precision, lr_scale=1.0)
-    replicated = fit_two_processes(tmp_path / "ddp", steps, precision=precision, lr_scale=1.0)
+    replicated = fit_processes(tmp_path / "ddp", steps, precision=precision, lr_scale=1.0)
     return reports, reports[0]["params"], replicated[0]["params"]
 
 
@@ -199,12 +160,18 @@ def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path: Path) -> None:
     assert all(b["sent"]["reduce_scatter"] == b["block_grad_bytes"] for b in reports[0]["batches"])
 
 
-def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path, precision: str) -> None:
     # Stopped at step 6, mid-slot of block 1: block 2 has never trained, so it has no optimizer state to save.
-    hift = {"layers_per_block": 2, "switch_every": 4}
+    hift = {"layers_per_block": 2, "switch_every": 4, "precision": precision}
     fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=6, **hift)
     (ckpt,) = (tmp_path / "ckpt").iterdir()
     assert ckpt.is_file()  # one consolidated file, written by rank 0
+    if precision == "bf16-true":
+        # The fp32 masters and their optimizer state are sharded like the weights; the checkpoint holds them whole.
+        callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
+        (saved,) = [state["masters"]["masters"] for state in callbacks.values() if "masters" in state]
+        assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in saved)
     resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
     uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
     assert_same(resumed[0]["params"], uninterrupted[0]["params"], exact=True)
@@ -252,35 +219,9 @@ def test_a_nonfinite_gradient_in_one_shard_skips_the_step_on_every_process(tmp_p
     assert_same(reports[0]["params"], fit_one_process(steps, module_class=PoisonOneShard, lr_scale=1.0), exact=False)
 
 
-class MismatchedSeed(HiFTFSDPStrategy):
-    """Gives each process a different seed, as a launch script that seeds from the rank by mistake would."""
-
-    def setup(self, trainer: Any) -> None:
-        self.seed = trainer.global_rank
-        super().setup(trainer)
-
-
 def test_processes_that_disagree_on_the_settings_stop_before_training(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match=r"different HiFT settings(.|\n)*MismatchedSeed arguments"):
-        fit_sharded(tmp_path, 2, strategy_class=MismatchedSeed)
-
-
-def test_a_bf16_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Path) -> None:
-    # The fp32 masters and their optimizer state are sharded like the weights; the checkpoint holds them whole.
-    hift = {"layers_per_block": 2, "switch_every": 4, "precision": "bf16-true"}
-    fit_sharded(tmp_path / "first", 16, checkpoint_dir=tmp_path / "ckpt", stop_at=6, **hift)
-    (ckpt,) = (tmp_path / "ckpt").iterdir()
-    saved = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
-    assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in saved)  # whole fp32 tensors
-    resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
-    uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
-    assert_same(resumed[0]["params"], uninterrupted[0]["params"], exact=True)
-    # One process continues it too (masters and optimizer state by index, whole): steps 6 and 7 finish block 1's
-    # slot and leave the other blocks' weights as the checkpoint has them.
-    continued = fit_one_process(8, ckpt_path=ckpt, **hift)
-    weights = torch.load(ckpt, weights_only=True)["state_dict"]
-    block_1 = ("net.layers.1.", "net.layers.2.")
-    assert all(torch.equal(p, weights[n]) != n.startswith(block_1) for n, p in continued.items())
+    with pytest.raises(Exception, match=r"different HiFT settings(.|\n)*MismatchedSeedFSDP arguments"):
+        fit_sharded(tmp_path, 2, strategy_class=MismatchedSeedFSDP)
 
 
 def test_a_one_process_checkpoint_continues_on_two_sharded_processes(tmp_path: Path) -> None:
@@ -319,8 +260,8 @@ def test_accumulated_micro_batches_train_like_one_process_and_send_once_per_wind
     for report in reports:
         for first, last in zip(report["batches"][::2], report["batches"][1::2], strict=True):
             # The window's first micro-batch sends nothing; its last sends the active block's summed gradients.
-            assert first["sent"] == {"reduce_scatter": 0, "all_reduce": 0}
-            assert last["sent"] == {"reduce_scatter": last["block_grad_bytes"], "all_reduce": VERDICT_BYTES}
+            assert sent(first) == (0, 0)
+            assert sent(last) == (last["block_grad_bytes"], VERDICT_BYTES)
 
 
 def test_a_sharded_checkpoint_continues_on_another_number_of_processes(tmp_path: Path) -> None:
