@@ -8,17 +8,14 @@ activations autograd saves in one training forward, traced on fake tensors) for 
 
 from __future__ import annotations
 
-import argparse
 import time
 from itertools import product
-from pathlib import Path
 
 import pandas as pd
-from run_summary import markdown
+from run_summary import RESULTS, arguments, markdown, write_page
 
 from lightning_hift.memory import GIB, estimate_memory, estimate_per_rank
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PRECISIONS = {"32-true": "fp32", "bf16-true": "Mixed^Hi (bf16-true)"}
 CARD = 24e9  # a 24 GB card, in bytes
 PAGE = """# Device totals with activations (planner)
@@ -47,9 +44,7 @@ def gib(nbytes: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory_activations.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, RESULTS / "memory_activations.md").parse_args()
     start = time.perf_counter()
     single = []
     for precision, seq_len, batch_size, checkpointing in product(PRECISIONS, (512, 2048), (1, 4), (False, True)):
@@ -81,7 +76,7 @@ def main() -> None:
         sharded.append({"seq": seq_len, "checkpointing": on, "activations (HiFT)": activations, **totals})
         print(sharded[-1], flush=True)
     tables = {"single": markdown(pd.DataFrame(single)), "sharded": markdown(pd.DataFrame(sharded))}
-    args.out.write_text(PAGE.format(card=CARD / GIB, seconds=time.perf_counter() - start, **tables))
+    write_page(args.out, PAGE.format(card=CARD / GIB, seconds=time.perf_counter() - start, **tables))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,11 @@
     python experiments/gpu_memory.py --shape 7b --batch-size 1 --seq-len 512      # one CUDA GPU, a few minutes
     python experiments/gpu_memory.py --shape tiny --device cpu                   # smoke run of the same code
 
-For each precision (32-true, bf16-mixed, bf16-true) and method (FPFT with Lightning's default strategy, HiFT
-with one layer per block and offloaded optimizer state; ``--methods hift_fsdp`` for HiFT on FSDP2, one process) a
-random-init LLaMA of the chosen shape trains for one whole HiFT cycle (k optimizer steps, k = number of blocks) on
-random tokens with AdamW, and the peak of ``torch.cuda.max_memory_allocated`` over those steps is printed beside
-the planner's estimate (``lightning_hift.estimate_memory``: model state, and the total with the activations it
-traces for the same batch and sequence length) and the paper's totals for LLaMA-2-7B: on a GPU, the measured peak
-checks the whole prediction. A run that does not fit prints OOM. Each (precision, method) runs in its own
-process, and the Markdown table at ``--out`` is rewritten after each, so a run stopped half-way keeps its finished rows.
+For each precision and method (FPFT with Lightning's default strategy, HiFT with its defaults; ``--methods
+hift_fsdp`` for HiFT on FSDP2, one process) a random-init LLaMA of the chosen shape trains one whole HiFT cycle on
+random tokens with AdamW; the peak of ``torch.cuda.max_memory_allocated`` is printed beside the planner's estimate
+(model state, and the total with the activations it traces) and the paper's LLaMA-2-7B totals. A run that does not
+fit prints OOM. Each row runs in its own process, and the table at ``--out`` is rewritten after each.
 """
 
 from __future__ import annotations
@@ -20,13 +17,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from run_summary import markdown, peak_memory
+from lightning.pytorch import LightningModule
+from run_summary import RESULTS, arguments, markdown, peak_memory, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,20 +70,11 @@ class RandomTokensLM(LightningModule):
 
 def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -> float | None:
     """Peak bytes over ``steps`` optimizer steps, or None when the run does not fit."""
-    strategies = {"fpft": "auto", "hift": lightning_hift.HiFTStrategy(), "hift_fsdp": lightning_hift.HiFTFSDPStrategy()}
-    strategy = strategies[method]
+    strategies = {"hift": lightning_hift.HiFTStrategy, "hift_fsdp": lightning_hift.HiFTFSDPStrategy}
+    strategy = strategies.get(method, lambda: "auto")()
     module = RandomTokensLM(SHAPES[args.shape], args.batch_size, args.seq_len, steps)
-    trainer = Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-        strategy=strategy,
-        precision=precision,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    trainer = quiet_trainer(accelerator=accelerator, devices=1, strategy=strategy, precision=precision, max_steps=steps)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -128,29 +115,16 @@ def gib(nbytes: float | None) -> str:
     return "OOM" if nbytes is None else f"{nbytes / GIB:.2f}"
 
 
-def write_table(args: argparse.Namespace, planner: Any, rows: list[dict[str, str]]) -> str:
-    place = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak RSS of the process)"
-    table = (
-        f"Shape {args.shape} ({planner.num_params / 1e6:,.0f} M params, {planner.num_blocks} blocks), batch"
-        f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps; {place}."
-        " Each row runs in its own process.\n\n" + markdown(pd.DataFrame(rows, columns=COLUMNS))
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")  # after every row: a long run that stops keeps what it measured
-    return table
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__, RESULTS / "gpu_memory.md")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument(
-        "--methods", nargs="+", default=["fpft", "hift"], choices=METHODS, help="hift_fsdp: sharded, one process"
+        "--methods", nargs="+", default=["fpft", "hift"], choices=METHODS, help="hift_fsdp: one process"
     )
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/gpu_memory.md"))
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,8 +133,8 @@ def main() -> None:
         return
     with torch.device("meta"):
         meta_model = LlamaForCausalLM(SHAPES[args.shape])
+    place = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak RSS of the process)"
     rows: list[dict[str, str]] = []
-    table = ""
     for precision in args.precisions:
         planner = estimate_memory(meta_model, precision, "adamw", batch_size=args.batch_size, seq_len=args.seq_len)
         for method in args.methods:
@@ -168,8 +142,6 @@ def main() -> None:
             result = spawn(args, precision, method, steps=planner.num_blocks)
             # hift_fsdp on one process shards nothing: the planner's HiFT figure (estimate_per_rank at N = 1).
             breakdown = planner.fpft if method == "fpft" else planner.hift
-            total = breakdown.total("device")
-            planned = total - breakdown.get("activations", "device")
             paper = PAPER_7B.get((precision, method)) if args.shape == "7b" else None
             failed = result.get("failed")
             rows.append(
@@ -177,15 +149,22 @@ def main() -> None:
                     "precision": precision,
                     "method": method,
                     "measured peak GiB": failed or gib(result["peak"]),
-                    "planner total GiB": gib(total),
-                    "planner model states GiB": gib(planned),
+                    "planner total GiB": gib(breakdown.total("device")),
+                    "planner model states GiB": gib(breakdown.total("device") - breakdown.get("activations", "device")),
                     "paper total GiB": "" if paper is None else f"{paper:.2f}",
                     "host peak GiB": "" if failed else gib(result["host_peak"]),
                     "seconds": f"{time.perf_counter() - started:.0f}",
                 }
             )
             print(rows[-1], flush=True)
-            table = write_table(args, planner, rows)
+            table = (
+                f"Shape {args.shape} ({planner.num_params / 1e6:,.0f} M params, {planner.num_blocks} blocks), batch"
+                f" {args.batch_size}, sequence {args.seq_len}, AdamW, one HiFT cycle of {planner.num_blocks} steps;"
+                f" {place}. Each row runs in its own process.\n\n" + markdown(pd.DataFrame(rows, columns=COLUMNS))
+            )
+            # After every row: a long run that stops keeps what it measured.
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(table + "\n")
     print(table)
 
 

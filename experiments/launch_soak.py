@@ -19,18 +19,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pandas as pd
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from run_summary import markdown
+from lightning.pytorch import LightningModule
+from run_summary import RESULTS, arguments, markdown, quiet_trainer, write_page
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hift  # noqa: F401  (registers the strategy names)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ABORT_MARKS = ("terminate called", "SIGABRT", "core dumped")
 
 
@@ -54,27 +52,13 @@ class Small(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def child(strategy: str) -> None:
-    """One launch: a two-process fit of the small classifier."""
-    trainer = Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=2,
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Small())
-
-
 def busy() -> None:
     while True:
         pass
 
 
 def launch(strategy: str) -> tuple[str, int, bool, float, str]:
+    """One launch: a fresh interpreter's two-process fit of the small classifier."""
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--child", strategy], capture_output=True, text=True, timeout=900
@@ -85,16 +69,15 @@ def launch(strategy: str) -> tuple[str, int, bool, float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__, RESULTS / "launch_soak.md")
     parser.add_argument("--strategies", nargs="+", default=["hift_fsdp_spawn", "hift_ddp_spawn"])
     parser.add_argument("--launches", type=int, default=20, help="launches per strategy")
     parser.add_argument("--parallel", type=int, default=3, help="launches running at once")
     parser.add_argument("--load", type=int, default=2, help="busy processes competing for the cores")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS / "launch_soak.md")
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        quiet_trainer(strategy=args.child, accelerator="cpu", devices=2, max_steps=6).fit(Small())
         return
     hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(args.load)]
     for hog in hogs:
@@ -130,10 +113,7 @@ def main() -> None:
         for failure in failures.itertuples():
             tail = "\n".join(failure.output.splitlines()[-15:])
             lines.append(f"{failure.strategy}, exit code {failure.code}:\n\n```\n{tail}\n```")
-    page = "\n".join(lines)
-    print(page)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page + "\n")
+    write_page(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

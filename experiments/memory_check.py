@@ -10,22 +10,19 @@ the real forward with the same saved-tensor hook (``measure_saved_bytes``). Writ
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from run_summary import markdown
+from run_summary import RESULTS, arguments, markdown, write_page
 from torch import nn
 
 from lightning_hift.blocks import partition
 from lightning_hift.memory.activations import activation_bytes, hf_batch, measure_saved_bytes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = """# Activations: planned (fake tensors, no weights) against measured (real CPU forward)
 
 `python experiments/memory_check.py`; torch {torch}, {machine}. Bytes autograd saves
@@ -39,37 +36,14 @@ alone (one unit per block). Relative error is (planned - measured) / measured.
 def tiny_configs() -> dict[str, Callable[[], nn.Module]]:
     import transformers as hf
 
+    layers = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4}
+    gpt2 = {"n_embd": 64, "n_layer": 3, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}
+    t5 = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0}
     return {
-        "tiny Llama (causal LM)": lambda: hf.LlamaForCausalLM(
-            hf.LlamaConfig(
-                vocab_size=256,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                pad_token_id=0,
-            )
-        ),
-        "tiny GPT-2 (causal LM)": lambda: hf.GPT2LMHeadModel(
-            hf.GPT2Config(vocab_size=256, n_embd=64, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
-        ),
-        "tiny BERT (classification)": lambda: hf.BertForSequenceClassification(
-            hf.BertConfig(
-                vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4
-            )
-        ),
-        "tiny T5 (seq2seq)": lambda: hf.T5ForConditionalGeneration(
-            hf.T5Config(
-                vocab_size=256,
-                d_model=64,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_heads=4,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-            )
-        ),
+        "tiny Llama (causal LM)": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(vocab_size=256, pad_token_id=0, **layers)),
+        "tiny GPT-2 (causal LM)": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=256, **gpt2)),
+        "tiny BERT (classification)": lambda: hf.BertForSequenceClassification(hf.BertConfig(vocab_size=256, **layers)),
+        "tiny T5 (seq2seq)": lambda: hf.T5ForConditionalGeneration(hf.T5Config(vocab_size=256, pad_token_id=0, **t5)),
     }
 
 
@@ -116,8 +90,7 @@ def check(name: str, model: nn.Module, batch: Any, precision: str, loss_fn: Any 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory_check.md")
+    parser = arguments(__doc__, RESULTS / "memory_check.md")
     parser.add_argument("--skip-pretrained", action="store_true", help="tiny configs and the MLP only")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -147,10 +120,7 @@ def main() -> None:
         "error": error.map("{:+.2%}".format),
     }
     page = PAGE.format(torch=torch.__version__, machine=platform.machine(), table=markdown(pd.DataFrame(columns)))
-    page += f"\nLargest error: {error.abs().max():.2%} over {len(table)} rows.\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page)
-    print(page, end="")
+    write_page(args.out, page + f"\nLargest error: {error.abs().max():.2%} over {len(table)} rows.\n")
 
 
 if __name__ == "__main__":
