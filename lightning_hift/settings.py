@@ -147,11 +147,8 @@ T = TypeVar("T")
 
 class Setting(Generic[T]):
     """One HiFT setting as an attribute of the strategy (``strategy.order``): read from, and written (checked
-    again) into, its ``settings``.
-
-    Args:
-        field: the name of the :class:`HiFTSettings` field; by default the attribute's own name.
-    """
+    again) into, its ``settings``. ``field`` names the :class:`HiFTSettings` field when it is not the attribute's
+    own name."""
 
     def __init__(self, field: str | None = None) -> None:
         self.field = field
