@@ -243,8 +243,12 @@ class FSDPHiFT(HiFTStrategyBase, _ModelParallelStrategy):
                         raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="optimizer state"))
                     state.setdefault(int(index), {})[name] = _room_for(meta, params[int(index)])
             wanted["optimizer_0"] = {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
-        if self.masters is not None and any(key.startswith(f"{MASTERS_KEY}.") for key in saved):
-            masters = [m for block in self.blocks for m in self.masters.masters(block)]
+        if any(key.startswith(f"{MASTERS_KEY}.") for key in saved):
+            # A half-precision run's fp32 masters: into this run's masters, or at full precision into the weights.
+            if self.masters is not None:
+                masters = [m for block in self.blocks for m in self.masters.masters(block)]
+            else:
+                masters = [p for block in self.blocks for p in block.params]
             if sum(key.startswith(f"{MASTERS_KEY}.") for key in saved) != len(masters):
                 raise HiFTConfigError(_NOT_THIS_MODEL.format(path=path, what="fp32 master weights"))
             wanted[MASTERS_KEY] = {i: _room_for(saved[f"{MASTERS_KEY}.{i}"], m) for i, m in enumerate(masters)}

@@ -169,8 +169,7 @@ def test_a_checkpoint_resumes_on_two_sharded_processes_bit_for_bit(tmp_path: Pat
     assert ckpt.is_file()  # one consolidated file, written by rank 0
     if precision == "bf16-true":
         # The fp32 masters and their optimizer state are sharded like the weights; the checkpoint holds them whole.
-        callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
-        (saved,) = [state["masters"]["masters"] for state in callbacks.values() if "masters" in state]
+        saved = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
         assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in saved)
     resumed = fit_sharded(tmp_path / "resumed", 16, ckpt_path=ckpt, **hift)
     uninterrupted = fit_sharded(tmp_path / "full", 16, **hift)
@@ -246,6 +245,24 @@ def test_a_sharded_checkpoint_resumes_on_two_processes_bit_for_bit(tmp_path: Pat
     assert (
         resumed[0]["batches"][0]["places"] == uninterrupted[0]["batches"][6]["places"] == ["host", "device", "absent"]
     )
+
+
+def test_a_bf16_checkpoint_continues_at_full_precision_from_its_masters_sharded_or_not(tmp_path: Path) -> None:
+    # A half-precision run's fp32 masters become the fp32 weights of a 32-true run, from a consolidated file or a
+    # sharded folder alike (the folder holds the masters as shards of their own).
+    bf16 = {"layers_per_block": 2, "switch_every": 4, "precision": "bf16-true"}
+    continued = {}
+    for sharded in (False, True):
+        out = tmp_path / f"sharded={sharded}"
+        fit_sharded(
+            out / "first", 16, checkpoint_dir=out / "ckpt", stop_at=6, save_distributed_checkpoint=sharded, **bf16
+        )
+        (ckpt,) = (out / "ckpt").iterdir()
+        assert ckpt.is_dir() == sharded
+        hift = {**bf16, "precision": "32-true"}
+        continued[sharded] = fit_sharded(out / "resumed", 16, ckpt_path=ckpt, **hift)[0]["params"]
+    assert all(value.dtype == torch.float32 for value in continued[True].values())
+    assert_same(continued[True], continued[False], exact=True)
 
 
 def test_a_folder_that_is_not_a_sharded_checkpoint_is_named(tmp_path: Path) -> None:

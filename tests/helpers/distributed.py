@@ -166,8 +166,7 @@ def assert_same(a: dict[str, Tensor], b: dict[str, Tensor], exact: bool) -> None
 def saved_masters(folder: Path) -> dict[str, Tensor]:
     """The fp32 masters of the half-precision run whose one checkpoint is in ``folder``, by parameter name."""
     (ckpt,) = folder.iterdir()
-    callbacks = torch.load(ckpt, weights_only=True)["callbacks"]
-    (masters,) = [state["masters"]["masters"] for key, state in callbacks.items() if "HiFTCallback" in key]
+    masters = torch.load(ckpt, weights_only=True)["hift_masters"]["masters"]
     torch.manual_seed(0)
     names = [name for block in partition(ShardedTinyModule()) for name in block.names]
     return dict(zip(names, masters, strict=True))
