@@ -14,8 +14,10 @@ import logging
 from lightning_hift.blocks import Block, partition
 from lightning_hift.callback import HiFTCallbackBase
 from lightning_hift.errors import HiFTConfigError
+from lightning_hift.fsdp import shard_by_unit
 from lightning_hift.memory import estimate_memory, estimate_per_rank
 from lightning_hift.pytorch import HiFTCallback, HiFTDDPStrategy, HiFTFSDPStrategy, HiFTStrategy
+from lightning_hift.settings import HiFTSettings
 from lightning_hift.strategy import HiFTStrategyBase
 from lightning_hift.units import Unit, find_units
 
@@ -36,6 +38,7 @@ __all__ = [
     "HiFTConfigError",
     "HiFTDDPStrategy",
     "HiFTFSDPStrategy",
+    "HiFTSettings",
     "HiFTStrategy",
     "HiFTStrategyBase",
     "Unit",
@@ -43,5 +46,6 @@ __all__ = [
     "estimate_per_rank",
     "find_units",
     "partition",
+    "shard_by_unit",
 ]
 __version__ = "0.1.0"  # the package's one version number; pyproject.toml reads it
