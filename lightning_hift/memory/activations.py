@@ -247,7 +247,9 @@ def _fake_tensors(traced: str = "The model's forward", instead: str = MEASURE_IN
 def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
     """Training mode and the requested gradient checkpointing for the trace; the model's own settings after."""
     modes = {module: module.training for module in model.modules()}
-    was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    was_checkpointing = bool(
+        getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
+    )
     if checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise HiFTConfigError(
             f"gradient_checkpointing={checkpointing!r} uses Hugging Face's gradient_checkpointing_enable, which"
@@ -255,12 +257,12 @@ def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
         )
     if checkpointing:
         reentrant = checkpointing == "reentrant"
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})  # type: ignore[operator]
+        _hugging_face_checkpointing(model, True, {"use_reentrant": reentrant})
         if reentrant:
             # As the strategy does: the embeddings' output requires grad, so blocks above frozen ones still train.
             model.enable_input_require_grads()  # type: ignore[operator]
     elif was_checkpointing:
-        model.gradient_checkpointing_disable()  # type: ignore[operator]
+        _hugging_face_checkpointing(model, False)
     model.train()
     try:
         yield
@@ -270,6 +272,18 @@ def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
         if checkpointing == "reentrant":
             model.disable_input_require_grads()  # type: ignore[operator]
         if checkpointing and not was_checkpointing:
-            model.gradient_checkpointing_disable()  # type: ignore[operator]
+            _hugging_face_checkpointing(model, False)
         elif was_checkpointing and not checkpointing:
-            model.gradient_checkpointing_enable()  # type: ignore[operator]
+            _hugging_face_checkpointing(model, True)
+
+
+def _hugging_face_checkpointing(model: nn.Module, enable: bool, kwargs: dict[str, Any] | None = None) -> None:
+    """Switch a Hugging Face model's checkpointing by the name its transformers version gives the switch:
+    ``activation_checkpointing_*`` (transformers 5, which deprecates the older name) or ``gradient_checkpointing_*``."""
+    current = hasattr(model, "activation_checkpointing_enable")
+    name = f"{'activation' if current else 'gradient'}_checkpointing_{'enable' if enable else 'disable'}"
+    switch = getattr(model, name)
+    if enable:
+        switch(**{f"{'activation' if current else 'gradient'}_checkpointing_kwargs": kwargs})
+    else:
+        switch()
