@@ -250,9 +250,9 @@ def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
     was_checkpointing = bool(
         getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
     )
-    if checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+    if checkpointing and not any(hasattr(model, f"{n}_checkpointing_enable") for n in ("activation", "gradient")):
         raise HiFTConfigError(
-            f"gradient_checkpointing={checkpointing!r} uses Hugging Face's gradient_checkpointing_enable, which"
+            f"gradient_checkpointing={checkpointing!r} uses Hugging Face's activation_checkpointing_enable, which"
             f" {type(model).__name__} lacks; trace your own checkpointed module with gradient_checkpointing=False."
         )
     if checkpointing:
