@@ -103,31 +103,27 @@ def fit_one_process(max_steps: int, **options: Any) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def _fit(
-    strategy_class: type,
-    world: int,
-    max_steps: int,
-    module_class: type[ShardedTinyModule] = ShardedTinyModule,
-    optimizer: str = "adamw",
-    skip_layers_at: dict[int, set[int]] | None = None,
-    precision: str = "32-true",
-    accumulate: int = 1,
-    clip: float | None = None,
-    ckpt_path: Path | None = None,
-    checkpoint_dir: Path | None = None,
-    stop_at: int | None = None,
-    report: RankReport | None = None,
-    **hift: Any,
-) -> LightningModule:
+_RUN_OPTIONS = ("clip", "ckpt_path", "checkpoint_dir", "stop_at")
+_JOB: dict[str, Any] = dict(
+    module_class=ShardedTinyModule, optimizer="adamw", skip_layers_at=None, precision="32-true", accumulate=1
+)
+"""What a run takes besides the strategy's arguments, with its defaults; ``clip``, ``ckpt_path``, ``checkpoint_dir``
+and ``stop_at`` are None unless given."""
+
+
+def _fit(strategy_class: type, world: int, max_steps: int, report: RankReport | None = None, **hift: Any) -> Any:
+    job = {name: hift.pop(name, default) for name, default in _JOB.items()}
+    clip, ckpt_path, checkpoint_dir, stop_at = (hift.pop(name, None) for name in _RUN_OPTIONS)
     torch.manual_seed(0)
+    module_class = job["module_class"]
     module = module_class(
-        optimizer=optimizer,
+        optimizer=job["optimizer"],
         lr=1e-2,
         schedule=(2, 12),
         samples=SAMPLES,
         batch_size=GLOBAL_BATCH // world,
         skew_by_rank=report is not None and module_class is ShardedTinyModule,
-        skip_layers_at=skip_layers_at,
+        skip_layers_at=job["skip_layers_at"],
     )
     callbacks: list[Any] = [] if report is None else [report, HiFTCallback()]  # the report sees steps before a switch
     if checkpoint_dir is not None:
@@ -139,9 +135,9 @@ def _fit(
         strategy=strategy_class(**hift) if report is None else strategy_class(start_method="spawn", **hift),
         devices=world,
         max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
+        accumulate_grad_batches=job["accumulate"],
         gradient_clip_val=clip,
-        precision=precision,
+        precision=job["precision"],
         use_distributed_sampler=False,
         callbacks=callbacks,
         enable_checkpointing=checkpoint_dir is not None,
