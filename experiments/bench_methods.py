@@ -1,11 +1,5 @@
-"""The methods that experiments/benchmark.py compares, and how each one's device memory is counted.
-
-Every method trains the task's own LightningModule (``SequenceClassifier`` or ``CausalLanguageModel``) under
-Lightning; what differs is the optimizer, the strategy and the callbacks, which :func:`build` returns for one entry of
-conf/benchmark.yaml (its ``kind``: full, hift, badam, lisa, lora, galore, adalomo). What each method keeps on the
-device is counted by the rule of bench_protocol.md; :class:`MethodRun`'s ``grads``, ``optimizer_state`` and
-``masters`` read it, the defaults for a method that leaves everything where Lightning puts it.
-"""
+"""The methods experiments/benchmark.py compares (the task's LightningModule with each one's optimizer, strategy and
+callbacks), and how each one's device memory is counted (the rule of bench_protocol.md)."""
 
 from __future__ import annotations
 
@@ -34,13 +28,11 @@ from lightning_hift.tasks.optim import OptimizerFactory, linear_warmup_decay
 from lightning_hift.units import EMBEDDINGS, OUTPUT
 
 PEER_PACKAGES = {"badam": "badam", "lora": "peft", "galore": "galore_torch", "adalomo": "lomo_optim"}
-"""The import name of each peer's package; a peer that cannot be imported or run is reported as unavailable."""
 TASKS = {"classifier": SequenceClassifier, "causal_lm": CausalLanguageModel}
 
 
 def tensor_bytes(value: Any) -> int:
-    """Bytes of the tensors in one optimizer-state value: a tensor, a list or tuple of them, or an object that holds
-    them as attributes (GaLore keeps its projection matrix inside a projector object)."""
+    """Bytes of a tensor, a list or tuple of them, or an object holding them (GaLore's projector)."""
     if isinstance(value, Tensor):
         return value.nbytes
     if isinstance(value, (list, tuple)):
@@ -51,43 +43,37 @@ def tensor_bytes(value: Any) -> int:
 
 
 def state_bytes(state: Mapping[Any, Mapping[str, Any]], keys: Iterable[Any] | None = None) -> int:
-    """Bytes of ``state`` (an ``optimizer.state``), or of its entries for ``keys``; scalar ``step`` counters left out,
-    as :func:`lightning_hift.memory.snapshot` leaves them out."""
+    """Bytes of an ``optimizer.state`` (its entries for ``keys`` if given), ``step`` counters left out."""
     entries = state.values() if keys is None else (state.get(key, {}) for key in keys)
     return sum(tensor_bytes(value) for entry in entries for name, value in entry.items() if name != "step")
 
 
 def present_grads(module: nn.Module) -> tuple[int, int]:
-    """Bytes of the gradients present now, and the number of parameters they belong to (trained this step)."""
     present = [p for p in module.parameters() if p.grad is not None]
     return sum(p.grad.nbytes for p in present if p.grad is not None), sum(p.numel() for p in present)
 
 
-def optimizer_state_bytes(trainer: Trainer) -> int:
-    return state_bytes(trainer.optimizers[0].state)
-
-
 @dataclass
 class MethodRun:
-    """What one method trains with (the module, the Trainer's strategy and callbacks) and how its device memory is
-    read: the gradients after backward, the optimizer state (device, host bytes) and extra weight copies on the
-    device (BAdam's fp32 block) after the update."""
+    """One method's module, strategy and callbacks, and how its gradients, optimizer state (device, host) and extra
+    weight copies on the device are read; ``facts``: settings derived at run time, for the record."""
 
     module: LightningModule
     description: str
     strategy: str | Strategy = "auto"
     callbacks: list[Callback] = field(default_factory=list)
     grads: Callable[[nn.Module], tuple[int, int]] = present_grads
-    optimizer_state: Callable[[Trainer], tuple[int, int]] = lambda trainer: (optimizer_state_bytes(trainer), 0)
+    optimizer_state: Callable[[Trainer], tuple[int, int]] = lambda trainer: (
+        state_bytes(trainer.optimizers[0].state),
+        0,
+    )
     masters: Callable[[Trainer], int] = lambda trainer: 0
     facts: dict[str, Any] = field(default_factory=dict)
-    """Settings the method derived at run time (BAdam's switching interval), for the record."""
 
 
 @dataclass(frozen=True)
 class Hyper:
-    """What every method of a run shares: the task, the schedule, the rate, the seed (HiFT's random order, LISA's
-    draws) and the training examples (BAdam's advice on how long a block stays active depends on them)."""
+    """What every method of a run shares (BAdam's advice on its switching interval depends on ``examples``)."""
 
     task: str
     lr: float
@@ -98,19 +84,12 @@ class Hyper:
     examples: int
 
     def module(self, model: nn.Module, optimizer: OptimizerFactory) -> LightningModule:
-        """The task's LightningModule around ``model`` (peft's wrappers forward ``config`` and the call)."""
         settings = {"lr": self.lr, "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio}
         return TASKS[self.task](model, optimizer=optimizer, **settings)  # type: ignore[arg-type]
 
 
 def build(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
-    """The module, strategy, callbacks and accounting of the method ``cfg`` (its entry of the config) on the freshly
-    loaded pretrained ``model`` (the same weights and head for every method).
-
-    Raises:
-        ValueError: ``cfg.kind`` is not a kind of method.
-        ImportError: A peer's package is not installed.
-    """
+    """The method of config entry ``cfg`` on the freshly loaded ``model``; ImportError if a peer is not installed."""
     builders = {"full": _full, "hift": _hift, "badam": _badam, "lisa": _lisa, "lora": _lora, "galore": _galore}
     builders["adalomo"] = _adalomo
     if cfg.kind not in builders:
@@ -161,10 +140,8 @@ def _badam(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     from badam import BlockOptimizer
 
     class LightningBlockOptimizer(BlockOptimizer):  # type: ignore[misc]  # badam ships no type information
-        """BlockOptimizer that runs Lightning's closure (forward and backward) before its own step: it copies the
-        gradients to its fp32 block before it calls the base optimizer, and so before the closure would compute
-        them. At a block switch it drops the optimizer state; ``step_state_bytes`` and ``step_master_bytes`` keep
-        what it held right after the update."""
+        """Runs Lightning's closure before its step (which copies the gradients to its fp32 block first); keeps what
+        it held right after the update, since a block switch drops the optimizer state."""
 
         step_state_bytes = step_master_bytes = 0
 
@@ -226,13 +203,9 @@ def _badam(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
 
 
 class LisaCallback(Callback):
-    """LISA (layerwise importance sampling, as LMFlow's trainer callback defines it) on this project's units.
-
-    The embeddings and the output unit train in every step; every ``interval`` optimizer steps ``layers`` layers,
-    drawn at random (seeded) from the model's repeated layers, become the only trainable layers and the others are
-    frozen with their gradients set to None. Where a frozen layer's optimizer state goes is ``optimizer_state``,
-    as in HiFT: ``"keep"`` (LMFlow's behaviour: never freed), ``"offload"`` or ``"reset"``.
-    """
+    """LISA (as LMFlow's trainer callback defines it) on this project's units: embeddings and output always train;
+    every ``interval`` steps ``layers`` random layers become the only trainable ones. A frozen layer's optimizer
+    state is kept (LMFlow's behaviour), offloaded or reset, as HiFT's ``optimizer_state`` says."""
 
     def __init__(self, layers: int, interval: int, seed: int, optimizer_state: str = "keep") -> None:
         if layers < 1 or interval < 1:
@@ -280,7 +253,6 @@ class LisaCallback(Callback):
                 self.placement.to_rest(block)
 
     def placed_state(self, trainer: Trainer) -> tuple[int, int]:
-        """Bytes of optimizer state on the device and in host memory, by the placement's bookkeeping."""
         assert self.placement is not None
         by_place = {"device": 0, "host": 0}
         for block in self.blocks:
@@ -345,9 +317,7 @@ def _galore(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
 
 
 class FusedBackward(LightningModule):
-    """Manual optimization for AdaLomo, mixed into a task module before it: the update of each parameter runs inside
-    backward (``fused_backward``), which Lightning's automatic loop (backward, then ``optimizer.step``) does not fit.
-    The learning rate follows the same warm-up and linear decay as every other method."""
+    """Manual optimization for AdaLomo, mixed into a task module: its updates run inside backward, same schedule."""
 
     model: nn.Module
 
@@ -377,8 +347,7 @@ def _metered_adalomo(model: nn.Module, lr: float) -> Optimizer:
     from lomo_optim import AdaLomo
 
     class MeteredAdaLomo(AdaLomo):  # type: ignore[misc]  # lomo_optim ships no type information
-        """AdaLomo that records the gradients present at once inside its fused backward (it frees each one as soon
-        as it has applied it), and whose ``step`` only runs Lightning's closure: the update happened in backward."""
+        """Records the gradients present at once in its fused backward; ``step`` only runs Lightning's closure."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self.peak_grad_bytes = self.updated_params = 0

@@ -1,5 +1,4 @@
-"""The benchmark's page and plots, from the records alone (each holds its suite's settings too): a suite whose runs
-are not all done yet is reported with what it has, and says what is missing. The page opens with bench_protocol.md."""
+"""The benchmark's page and plots from the records alone; a partial suite says what is missing."""
 
 from __future__ import annotations
 
@@ -21,16 +20,12 @@ SUITE_TITLES = {
     "bbc": "MiniLM on BBC news topics (5 classes, longer texts)",
     "smollm2": "SmolLM2-135M causal language modelling",
 }
-HEADLINE = "hift"
-"""The method the verdicts speak for: HiFT with the package defaults."""
-
-BUSY = 0.25
-"""Cores kept busy by other processes above which the report warns that a run's step times are unreliable."""
+HEADLINE = "hift"  # the method the verdicts speak for: HiFT with the package defaults
+BUSY = 0.25  # cores busy with other work above which a run's step times are flagged
 
 COLORS = {"full": "black", "hift": "tab:blue", "hift_m2": "tab:cyan"}
 PEER_COLORS = ("tab:orange", "tab:red", "tab:brown", "tab:purple", "tab:green", "tab:gray")
-FIGURES = ["peak_rss_bytes", "device_bytes", "trainable_mean"]
-"""The memory and size figures of a method: the median over its runs at the chosen rate."""
+FIGURES = ["peak_rss_bytes", "device_bytes", "trainable_mean"]  # medians over the runs at the chosen rate
 
 
 def higher_is_better(task: str) -> bool:
@@ -38,7 +33,7 @@ def higher_is_better(task: str) -> bool:
 
 
 def choose_lr(grid: Sequence[Record], task: str) -> float | None:
-    """The rate of the grid run with the best validation score (first in grid order on a tie); None if none ran."""
+    """The rate of the best validation score (first in grid order on a tie); None if none ran."""
     done = [record for record in grid if record.get("status") == "ok" and "val_score" in record]
     if not done:
         return None
@@ -47,8 +42,6 @@ def choose_lr(grid: Sequence[Record], task: str) -> float | None:
 
 
 def label(record: Record) -> str:
-    """A short readable name: ``HiFT (defaults)``, ``HiFT m=2``, ``HiFT auto at 420MiB (chose m=2)``, ``BAdam K=50``,
-    ``LoRA r=8``."""
     cfg, kind = record.get("config", {}), record.get("kind")
     if kind == "hift":
         changed = [f"{key}={cfg[key]}" for key in ("order", "optimizer_state", "lr_scale") if key in cfg]
@@ -70,7 +63,6 @@ def label(record: Record) -> str:
 
 
 def lr_text(lr: float) -> str:
-    """A learning rate as people write it: ``5e-5``, ``2e-4``, ``2.5e-4``."""
     mantissa, exponent = f"{lr:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
@@ -91,13 +83,9 @@ def spread_text(score: pd.Series, digits: int) -> str:
 
 
 class Suite:
-    """One suite's records as tables. ``runs``: a row per record (the record itself in ``record``), marked ``grid``
-    (the first seed's runs, which choose the rate) and ``chosen`` (at the rate its grid chose). ``methods``: a row
-    per method in config order, from its representative record (its first finished run at the chosen rate, else in
-    the grid), with its ``label``, ``rate``, whether it is ``usable`` (a finished run at that rate), and over the
-    finished runs at that rate the smallest step time and the median memory figures. ``evals``: a row per
-    evaluation of those runs, at its training seconds. ``final`` and ``at_budget``: mean, std and seeds of the test
-    score after the last step and at equal wall time (``budget`` seconds)."""
+    """One suite's records as tables: ``runs`` (a row per record), ``methods`` (a row per method from its first
+    finished run at the chosen rate), ``evals`` (a row per evaluation at its training seconds), and the test scores
+    ``final`` and ``at_budget`` (at equal wall time, ``budget`` seconds) over the seeds."""
 
     def __init__(self, records: list[Record]) -> None:
         self.cfg = OmegaConf.create(next(record["settings"] for record in records if "settings" in record))
@@ -137,31 +125,19 @@ class Suite:
 
     @staticmethod
     def _scores(evals: pd.DataFrame) -> pd.DataFrame:
-        """Per method: the mean, sample std (0 for one seed) and number of seeds of each run's last evaluation here,
-        and the step of the first seed's."""
         last = evals.groupby(["method", "seed"]).last().groupby("method")
         scores = last.value.agg(["mean", "std", "count"]).fillna({"std": 0.0})
         return scores.assign(step=last.step.first())
-
-
-def load_records(out: Path, suite: str) -> list[Record]:
-    return [json.loads(path.read_text()) for path in (out / "benchmark_runs" / suite).glob("*/*.json")]
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
 
 
 def write_report(out: Path) -> Path:
-    """Write ``<out>/benchmark.md`` and the plots from the saved records; return the Markdown file's path.
-
-    Raises:
-        FileNotFoundError: No run has written a record under ``<out>/benchmark_runs`` yet.
-    """
-    suites = {suite: load_records(out, suite) for suite in SUITE_TITLES}
+    runs = out / "benchmark_runs"
+    suites = {suite: [json.loads(p.read_text()) for p in (runs / suite).glob("*/*.json")] for suite in SUITE_TITLES}
     if not any(suites.values()):
-        raise FileNotFoundError(
-            f"No benchmark records under {out / 'benchmark_runs'}; run experiments/benchmark.py first."
-        )
+        raise FileNotFoundError(f"No benchmark records under {runs}; run experiments/benchmark.py first.")
     lines = [line for name, records in suites.items() if records for line in suite_section(out, name, Suite(records))]
     path = out / "benchmark.md"
     path.write_text(PROTOCOL.read_text() + "\n" + "\n".join(lines) + "\n")
@@ -235,7 +211,6 @@ def suite_section(out: Path, name: str, suite: Suite) -> list[str]:
 
 
 def missing(suite: Suite) -> list[str]:
-    """A line naming what is not done yet, so that a partial suite says so."""
     runs, seeds = suite.runs, suite.cfg.seeds
     grid, done = runs[runs.grid].groupby("method").size(), runs[runs.ok & runs.chosen].groupby("method").size()
     short = []
@@ -326,7 +301,6 @@ def method_notes(suite: Suite) -> list[str]:
 
 
 def verdicts(suite: Suite, digits: int) -> list[str]:
-    """HiFT with its defaults against full fine-tuning and each other method, score by score and cost by cost."""
     usable = suite.usable
     if HEADLINE not in usable.index:
         return ["HiFT with its defaults has no finished run in this suite yet."]
@@ -355,7 +329,6 @@ def verdicts(suite: Suite, digits: int) -> list[str]:
 
 
 def compare(mine: pd.Series, theirs: pd.Series, higher: bool, digits: int) -> str:
-    """``HiFT ahead by 0.012``, ``behind``, or ``within the seed spread`` when the gap is under the larger std."""
     gap = mine["mean"] - theirs["mean"]
     if abs(gap) <= max(mine["std"], theirs["std"]):
         return f"within the seed spread, HiFT {'+' if gap >= 0 else '-'}{abs(gap):.{digits}f}"
@@ -366,8 +339,6 @@ def compare(mine: pd.Series, theirs: pd.Series, higher: bool, digits: int) -> st
 
 
 def plot_suite(out: Path, name: str, suite: Suite) -> tuple[str, str]:
-    """Test score against training seconds and training loss against step, each the mean over the seeds with the
-    seeds' range shaded; memory by method. Returns the two file names."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a benchmark machine

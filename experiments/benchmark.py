@@ -1,16 +1,10 @@
-"""Benchmark HiFT against full fine-tuning and its peers (BAdam, LISA, LoRA, GaLore, AdaLomo), every run in its own
-process; how rates, seeds and figures are chosen and measured is bench_protocol.md, the opening of the page.
+"""Benchmark HiFT against full fine-tuning and its peers, every run in its own process (protocol: bench_protocol.md).
 
-    python experiments/benchmark.py suite=tweets         # about 1 h on 2 idle CPU cores (35 runs)
-    python experiments/benchmark.py                      # all three suites, several hours: resumable, see below
-    python experiments/benchmark.py suite=tweets methods=[full,hift,lora]
-    python experiments/benchmark.py suite=tweets steps=8 eval_every=4 out=/tmp/bench   # a smoke run
+    python experiments/benchmark.py suite=tweets methods=[full,hift,lora]   # no suite=: all three, several hours
     python experiments/benchmark.py report_only=true     # rebuild the tables and plots from the saved records
 
-Settings come from conf/benchmark.yaml, composed by Hydra (``tweets.data.train_size=64`` overrides any of them).
-Each run (``run_one=SUITE/METHOD/LR/SEED``) writes its JSON record as it finishes: a run whose record exists with the
-same settings is not run again, so an interrupted benchmark continues where it stopped (``fresh=true`` starts the
-suites over). A peer whose package is missing or that cannot run here is recorded as unavailable, with the reason.
+Settings: conf/benchmark.yaml through Hydra. A run whose record exists with the same settings is not run again, so an
+interrupted benchmark continues where it stopped (``fresh=true`` starts over); a peer that cannot run is unavailable.
 """
 
 from __future__ import annotations
@@ -49,12 +43,10 @@ from lightning_hift.tasks import StepTimer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SUITES = ("tweets", "bbc", "smollm2")
-METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}
-"""What a run is scored by, as the task module logs it (both the test and the validation split run as validation)."""
+METRICS = {"classifier": "val/acc", "causal_lm": "val/ppl"}  # the test split is scored as validation too
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The benchmark's config (conf/benchmark.yaml) with Hydra command-line overrides applied, as ``main`` gets it."""
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base=None):
         return hydra.compose(config_name="benchmark", overrides=overrides)
 
@@ -83,18 +75,12 @@ def check(config: DictConfig) -> DictConfig:
 
 
 def methods_of(config: DictConfig, suite: str, wanted: list[str] | None) -> list[str]:
-    """The suite's methods in config order, only those in ``wanted`` when it is given."""
     return [name for name in config[suite].methods if wanted is None or name in wanted]
 
 
 def suite_settings(config: DictConfig, suite: str) -> dict[str, Any]:
-    """What every run of the suite shares (model, data, steps, schedule, seeds, accelerator), for its records."""
-    return {
-        **without(as_dict(config[suite]), ("methods",)),
-        "suite": suite,
-        "data_seed": config.data_seed,
-        "accelerator": config.accelerator,
-    }
+    shared = {"suite": suite, "data_seed": config.data_seed, "accelerator": config.accelerator}
+    return {**without(as_dict(config[suite]), ("methods",)), **shared}
 
 
 def without(entries: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -111,10 +97,7 @@ def as_dict(node: DictConfig) -> dict[str, Any]:
 
 
 class Meter(Callback):
-    """Records, for every optimizer step, the loss and what the method keeps on the compute device, and the
-    evaluation set's score with the training seconds spent before it. Comes before HiFT's callback, which switches
-    blocks (and sends the trained one's optimizer state to host memory) in the hook in which this measures the step.
-    """
+    """Each optimizer step's loss and device memory, and each evaluation's score after its training seconds."""
 
     def __init__(self, timer: StepTimer, run: MethodRun, metric: str) -> None:
         self.timer, self.run, self.metric = timer, run, metric
@@ -149,8 +132,7 @@ class Meter(Callback):
 
 
 def make_data(suite_cfg: DictConfig, data_seed: int, seed: int) -> LightningDataModule:
-    """The suite's data module, set up: splits cut with ``data_seed`` (the same for every run), the training batches
-    shuffled with ``seed``."""
+    """Splits cut with ``data_seed`` (the same for every run), the training batches shuffled with ``seed``."""
     settings = {key: value for key, value in suite_cfg.data.items() if key != "name"}
     kind = "causal_lm" if suite_cfg.task == "causal_lm" else suite_cfg.data.name
     data_class = {"causal_lm": tasks.LanguageModelingDataModule, "bbc": tasks.BBCNewsDataModule}.get(kind)
@@ -161,8 +143,7 @@ def make_data(suite_cfg: DictConfig, data_seed: int, seed: int) -> LightningData
 
 
 def run_one(config: DictConfig, suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
-    """Train one method of a suite at one rate and seed and return its record; a peer that cannot run returns an
-    unavailable record. Its peak resident memory is the calling process's: the driver starts one per run."""
+    """One method's record at one rate and seed (peak memory is the process's: the driver starts one per run)."""
     suite_cfg = config[suite]
     entry = suite_cfg.methods[method]
     record: dict[str, Any] = {
@@ -197,12 +178,11 @@ def run_one(config: DictConfig, suite: str, method: str, lr: float, seed: int) -
 
 
 def run_key(suite: str, method: str, lr: float, seed: int) -> dict[str, Any]:
-    return {"suite": suite, "method": method, "lr": lr, "seed": seed}
+    return dict(suite=suite, method=method, lr=lr, seed=seed)
 
 
 def other_cores() -> Any:
-    """A function giving the average cores other processes kept busy since this call: other work stretches step
-    times, badly so when it competes with torch's threads, and the report says how busy the machine was."""
+    """A function giving the average cores other processes kept busy since this call (it stretches step times)."""
 
     def sample() -> tuple[float, float]:
         machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
@@ -220,8 +200,7 @@ def other_cores() -> Any:
 
 
 def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: LightningDataModule) -> dict[str, Any]:
-    """Score the test split, fit for the suite's steps (scoring it every ``eval_every`` steps and after the last one),
-    score the validation split, and return the figures of the record."""
+    """Test score before, during and after the fit, then the validation score; returns the record's figures."""
     timer = StepTimer()
     metric = METRICS[suite_cfg.task]
     meter = Meter(timer, run, metric)
@@ -235,10 +214,8 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
         val_check_interval=suite_cfg.eval_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        # Metrics first scored under inference mode (before fit) could not be updated by fit's own validation.
-        inference_mode=False,
-        # The meter before the method's callbacks, to measure a step before HiFT switches blocks; the timer last,
-        # so that a step's time includes what a method does after its update (HiFT's switch).
+        inference_mode=False,  # else fit's validation could not update metrics first scored before it
+        # The meter measures a step before HiFT switches blocks; the timer's step includes the switch.
         callbacks=[meter, *run.callbacks, timer],
     )
     trainer.validate(run.module, dataloaders=test_loader, verbose=False)
@@ -269,7 +246,6 @@ def train(run: MethodRun, config: DictConfig, suite_cfg: DictConfig, data: Light
 
 
 def describe_failure(err: BaseException, package: str) -> str:
-    """The error and, when the peer's own code raised it, where: ``AssertionError: ... (lomo_optim/adalomo.py:91)``."""
     if isinstance(err, ImportError):
         return f"{type(err).__name__}: {err} (install the bench extra: pip install -e '.[bench]')"
     frames = [frame for frame in traceback.extract_tb(err.__traceback__) if f"/{package}/" in frame.filename]
@@ -280,7 +256,6 @@ def describe_failure(err: BaseException, package: str) -> str:
 
 
 def machine() -> str:
-    """One line naming the processor, the cores this process may use, and the library versions."""
     import lightning
     import transformers
 
@@ -321,8 +296,7 @@ def write_record(out: Path, record: dict[str, Any]) -> None:
 
 
 def existing_record(config: DictConfig, suite: str, method: str, lr: float, seed: int) -> dict[str, Any] | None:
-    """The saved record of this run if it was made with the current settings; a stale one is deleted. A run does not
-    depend on how many seeds its suite has, on the rest of its grid, or on where the grid comes from."""
+    """The saved record if made with the current settings (seeds, the rest of the grid aside); else it goes."""
     path = record_path(output_dir(config), suite, method, lr, seed)
     if not path.is_file():
         return None
@@ -339,7 +313,6 @@ def existing_record(config: DictConfig, suite: str, method: str, lr: float, seed
 
 
 def child_main(job: str, out: Path) -> None:
-    """``run_one=SUITE/METHOD/LR/SEED``: one run with the settings the driver saved, its record written to disk."""
     suite, method, lr, seed = job.split("/")
     config = OmegaConf.load(out / "benchmark_runs" / "config.yaml")
     assert isinstance(config, DictConfig)
@@ -350,7 +323,6 @@ def child_main(job: str, out: Path) -> None:
 
 
 def prepare(config: DictConfig, overrides: list[str]) -> DictConfig:
-    """The run's settings, with the command that produced them, saved where the child processes read them."""
     config = check(config)
     with open_dict(config):
         config.command = shlex.join(["python", "experiments/benchmark.py", *overrides])
@@ -360,8 +332,7 @@ def prepare(config: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 class Driver:
-    """Runs what is missing of the selected suites: each method's grid at the first seed, then its other seeds at
-    the rate the grid chose. Records failures as records, so the report says what is missing and why."""
+    """Runs what is missing: each method's grid at the first seed, then the other seeds at the chosen rate."""
 
     def __init__(self, config: DictConfig) -> None:
         self.out, self.config, self.failed = output_dir(config), config, []
@@ -408,7 +379,6 @@ def main(config: DictConfig) -> None:
 
 
 def benchmark(config: DictConfig, overrides: list[str]) -> None:
-    """What ``main`` does with the composed config and the command line's overrides."""
     out = output_dir(config)
     if config.run_one:
         child_main(config.run_one, out)

@@ -3,14 +3,10 @@
     python experiments/compile_benchmark.py             # an 8-layer Llama-like model, CPU, inductor
     python experiments/compile_benchmark.py --steps 3   # a quick look (numbers too noisy to quote)
 
-Every run trains the same randomly initialised Llama-like model on the same random tokens: ``--warmup`` optimizer
-steps (by default one HiFT cycle, in which every block trains once and every graph is compiled), then ``--steps``
-timed ones. A compiled run passes ``torch.compile(lightning_module)`` to ``trainer.fit``, so that ``training_step``
-(forward and loss) is compiled; it logs nothing there, as dynamo (torch 2.13, Lightning 2.6) fails inside
-``self.log``. The runs: full fine-tuning (Lightning's ``strategy="auto"``) eager and compiled; HiFT (one unit per
-block) eager; HiFT with the model compiled as one graph, as before HiFT compiled by unit (dynamo recompiles it at
-every block switch until ``recompile_limit``, then runs it eagerly); HiFT compiling each layer on its own
-(``lightning_hift.compile``). The table goes to ``--out``/compile.md. Time steps on a quiet machine.
+Every run trains the same random Llama-like model on the same random tokens: ``--warmup`` steps (one HiFT cycle:
+every graph compiled), then ``--steps`` timed ones, on a quiet machine. A compiled run fits
+``torch.compile(lightning_module)``, whose ``training_step`` logs nothing (dynamo fails inside ``self.log``). "whole
+model" is HiFT with the model compiled as one graph, as before HiFT compiled by unit. The page: ``--out``/compile.md.
 """
 
 from __future__ import annotations
@@ -48,7 +44,7 @@ RUNS = {  # strategy, compiled
 
 
 class QuietCausalLM(CausalLanguageModel):
-    """``CausalLanguageModel`` without ``self.log`` in ``training_step``, which dynamo cannot trace (see above)."""
+    """``CausalLanguageModel`` without ``self.log`` in ``training_step``, which dynamo cannot trace."""
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -68,17 +64,9 @@ class WholeModelHiFT(HiFTStrategy):
 
 
 def make_model(args: argparse.Namespace) -> QuietCausalLM:
-    heads = args.hidden // 64
-    config = hf.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=args.seq,
-        use_cache=False,  # training: no key/value cache
-    )
+    sizes = {"hidden_size": args.hidden, "intermediate_size": args.hidden * 8 // 3, "num_hidden_layers": args.layers}
+    heads = {"num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64}
+    config = hf.LlamaConfig(vocab_size=args.vocab, max_position_embeddings=args.seq, use_cache=False, **sizes, **heads)
     return QuietCausalLM(hf.LlamaForCausalLM(config), lr=1e-4, warmup_ratio=0.0)
 
 
@@ -107,19 +95,15 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         # What the first steps took beyond steady steps: mostly compiling.
         "warmup_overhead": sum(warmup) - len(warmup) * median,
         "graphs": int(counters["stats"]["unique_graphs"]),
-        "limit_hit": _recompile_limit_hits(),
+        # Dynamo records the fallback to eager as an unsupported feature named after the limit.
+        "limit_hit": sum(
+            count
+            for kind in ("unimplemented", "graph_break")
+            for reason, count in counters[kind].items()
+            if "recompile limit" in str(reason).lower()
+        ),
         "wall": seconds,
     }
-
-
-def _recompile_limit_hits() -> int:
-    # Dynamo records the fallback to eager as an unsupported feature named after the limit.
-    return sum(
-        count
-        for kind in ("unimplemented", "graph_break")
-        for reason, count in counters[kind].items()
-        if "recompile limit" in str(reason).lower()
-    )
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -157,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in (name for name in RUNS if name in args.runs):
         records.append(measure(name, args))
         print(f"{name}: {records[-1]['median']:.3f} s/step", file=sys.stderr)
+
     given = " ".join(argv if argv is not None else sys.argv[1:])
     report = (
         "# torch.compile with and without HiFT\n\n"

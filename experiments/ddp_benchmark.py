@@ -3,10 +3,8 @@
     python experiments/ddp_benchmark.py                         # MiniLM, balanced tweets, 2 CPU processes (gloo)
     python experiments/ddp_benchmark.py --steps 8 --out /tmp/x  # a quick look
 
-Every method trains the same model on the same data with the same global batch (``--batch-size`` per process
-times the number of processes) for ``--steps`` optimizer steps; ``fsdp`` is full fine-tuning on Lightning's
-``ModelParallelStrategy``, the model sharded by unit as ``hift_fsdp`` shards it. What the columns count is said under
-the table, in ``--out``/ddp.md; each run's figures go to ``--out``/ddp_runs/METHOD.json.
+Every method has the same model, data and global batch; ``fsdp`` is full fine-tuning on ModelParallelStrategy, sharded
+by unit as ``hift_fsdp`` shards it. The page is ``--out``/ddp.md, each run's figures ``--out``/ddp_runs/METHOD.json.
 """
 
 import os
@@ -36,21 +34,18 @@ COLLECTIVES = {
     "all_reduce": ("grads", 0, "tensor"),
     "reduce_scatter_single": ("grads", 1, "input"),
     "all_gather_single": ("gathered", 1, "input_tensor"),
-}
-"""The torch.distributed calls counted: what they send, and where the sent tensor is among their arguments."""
+}  # the calls counted: what they send, and where the sent tensor is among their arguments
 
 
 # No `from __future__ import annotations` in this file: DDP checks the hook's annotations at run time.
 def counting_allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP's plain averaging all-reduce, sent through ``torch.distributed.all_reduce`` so that it is counted."""
     tensor = bucket.buffer().div_(dist.get_world_size())
     work = dist.all_reduce(tensor, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
 
 
 class CountedDDPStrategy(DDPStrategy):
-    """Lightning's DDP, its buckets sent through :func:`counting_allreduce_hook` (on CPU too, where Lightning
-    would register no communication hook)."""
+    """Lightning's DDP, its buckets sent through the counted all-reduce (on CPU too)."""
 
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
@@ -58,23 +53,19 @@ class CountedDDPStrategy(DDPStrategy):
 
 
 class ShardedClassifier(SequenceClassifier):
-    """The classifier sharded by FSDP2 in ``configure_model``, as Lightning's ModelParallelStrategy asks."""
-
     def configure_model(self) -> None:
         shard_by_unit(self, self.device_mesh["data_parallel"])
 
 
 class SpawnedModelParallel(ModelParallelStrategy):
-    """Lightning's ModelParallelStrategy started with ``spawn``, so that one script runs several methods in turn;
-    the main process gets the gathered weights back as under ``hift_fsdp``."""
+    """Started with ``spawn``, so that one script runs several methods in turn."""
 
     def _configure_launcher(self) -> None:
         self._launcher = gathering_launcher(self, "spawn")
 
 
 class TrafficMeter(Callback):
-    """Counts the bytes of the collectives in :data:`COLLECTIVES` made during training batches; rank 0 writes the
-    figures, with the step time of the run's :class:`StepTimer`, as JSON."""
+    """Counts the bytes of the collectives made during training batches; rank 0 writes the figures as JSON."""
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -30,8 +30,7 @@ def quiet_trainer(**settings: Any) -> Trainer:
 
 
 def timed_fit(module: Any, *data: Any, callbacks: Any = (), **settings: Any) -> tuple[Trainer, StepTimer, float]:
-    """Fit under :func:`quiet_trainer` with a :class:`StepTimer` last among the callbacks, so that a step's time
-    includes what the others do at its end; returns the trainer, the timer and the fit's wall seconds."""
+    """Fit with a StepTimer last among the callbacks (a step's time includes theirs); returns the wall seconds too."""
     timer = StepTimer()
     trainer = quiet_trainer(callbacks=[*callbacks, timer], **settings)
     started = time.perf_counter()
@@ -47,20 +46,14 @@ def arguments(doc: str, out: Path) -> argparse.ArgumentParser:
 
 
 def write_page(path: Path, page: str) -> None:
-    """Write a results page (creating its folder) and print it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     print(page)
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak memory in bytes: the process's resident set size, and CUDA tensors when ``device`` is a GPU.
-
-    The resident-set peak covers the whole process, so in a multirun it is the largest of the jobs so far; the CUDA
-    peak counts from the last ``torch.cuda.reset_peak_memory_stats()``.
-    """
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux counts ru_maxrss in KiB, macOS in bytes.
+    """Peak bytes: the whole process's resident set, and CUDA tensors when ``device`` is a GPU."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
     if device.type == "cuda":
         peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -68,8 +61,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def describe_strategy(strategy: Strategy) -> str:
-    """A short name: ``hift bottom2up m=1 lr x8`` for HiFT (each update at 8 times the configured rate), the class
-    name for any other strategy."""
+    """``hift bottom2up m=1 lr x8`` for HiFT (updates at 8 times the rate), the class name for any other strategy."""
     if isinstance(strategy, HiFTStrategyBase):
         name = f"hift {strategy.order} m={strategy.layers_per_block}"
         return f"{name} lr x{strategy.lr_factor():g}" if strategy.blocks else name  # blocks: cut when a fit starts
@@ -77,13 +69,11 @@ def describe_strategy(strategy: Strategy) -> str:
 
 
 def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
-    """Write ``metrics`` as indented JSON, creating the folder if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def format_summary(metrics: Mapping[str, Any], metric: str) -> str:
-    """The few figures worth comparing between runs, one per line."""
     rows = {
         metric: _number(metrics.get(metric)),
         "seconds / step": _number(metrics.get("seconds_per_step")),
@@ -100,8 +90,7 @@ def format_summary(metrics: Mapping[str, Any], metric: str) -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """``frame`` as a Markdown table, its cells as they are: unpadded (``| a | b |``), and no text read as a number
-    (a rate stays ``5e-5``)."""
+    """``frame`` as a Markdown table, its cells unpadded and as they are (a rate stays ``5e-5``)."""
     return str(frame.to_markdown(index=False, stralign=None, numalign=None, disable_numparse=True))
 
 
