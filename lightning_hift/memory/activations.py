@@ -252,8 +252,9 @@ def _training(model: nn.Module, checkpointing: bool | str) -> Iterator[None]:
     )
     if checkpointing and not any(hasattr(model, f"{n}_checkpointing_enable") for n in ("activation", "gradient")):
         raise HiFTConfigError(
-            f"gradient_checkpointing={checkpointing!r} uses Hugging Face's activation_checkpointing_enable, which"
-            f" {type(model).__name__} lacks; trace your own checkpointed module with gradient_checkpointing=False."
+            f"gradient_checkpointing={checkpointing!r} uses Hugging Face's activation_checkpointing_enable"
+            f" (gradient_checkpointing_enable before transformers 5), which {type(model).__name__} lacks; trace your"
+            " own checkpointed module with gradient_checkpointing=False."
         )
     if checkpointing:
         reentrant = checkpointing == "reentrant"
