@@ -254,12 +254,11 @@ class LisaCallback(Callback):
 
     def placed_state(self, trainer: Trainer) -> tuple[int, int]:
         assert self.placement is not None
-        by_place = {"device": 0, "host": 0}
-        for block in self.blocks:
-            place = self.placement.where(block)
-            if place in by_place:
-                by_place[place] += state_bytes(self.placement.optimizer.state, block.params)
-        return by_place["device"], by_place["host"]
+        state, where = self.placement.optimizer.state, self.placement.where
+        device, host = (
+            sum(state_bytes(state, b.params) for b in self.blocks if where(b) == p) for p in ("device", "host")
+        )
+        return device, host
 
 
 def _lisa(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:

@@ -229,8 +229,8 @@ def grid_table(suite: Suite, digits: int) -> str:
         cells = []
         for record, chosen in zip(grid.record, grid.chosen, strict=True):
             value = f"{record['val_score']:.{digits}f}" if record.get("status") == "ok" else record.get("status", "?")
-            mark = "**" if chosen else ""
-            cells.append(f"{mark}{lr_text(record['lr'])}: {value}{mark}")
+            cells.append("**" * chosen + f"{lr_text(record['lr'])}: {value}" + "**" * chosen)
+
         rate = method.rate
         chosen = "none" if pd.isna(rate) else lr_text(rate)
         if len(grid) > 1 and rate in (grid.lr.min(), grid.lr.max()):
@@ -242,19 +242,9 @@ def grid_table(suite: Suite, digits: int) -> str:
 def results_table(suite: Suite, digits: int) -> str:
     cfg, budget = suite.cfg, suite.budget
     full = suite.usable[suite.usable.kind == "full"]
-    header = [
-        "method",
-        "lr",
-        "s / step",
-        "speed vs full",
-        "peak RSS MiB",
-        *(["peak CUDA MiB"] if suite.cuda else []),
-        "device grads + state MiB",
-        "trainable / step",
-        f"test after {cfg.steps} steps",
-        f"test at T = {seconds_text(budget)}" if budget is not None else "test at T",
-        "seeds",
-    ]
+    at_t = f"test at T = {seconds_text(budget)}" if budget is not None else "test at T"
+    header = ["method", "lr", "s / step", "speed vs full", "peak RSS MiB", *(["peak CUDA MiB"] if suite.cuda else [])]
+    header += ["device grads + state MiB", "trainable / step", f"test after {cfg.steps} steps", at_t, "seeds"]
     rows = []
     for name, method in suite.methods.iterrows():
         if not method.usable:

@@ -189,12 +189,11 @@ def other_cores() -> Any:
         busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return time.monotonic(), busy - own.user - own.system
 
-    start = sample()
+    started, busy = sample()
 
     def cores() -> float:
-        end = sample()
-        elapsed = end[0] - start[0]
-        return max(0.0, (end[1] - start[1]) / elapsed) if elapsed > 0 else 0.0
+        now, busy_now = sample()
+        return max(0.0, (busy_now - busy) / (now - started)) if now > started else 0.0
 
     return cores
 

@@ -3,17 +3,10 @@
 # (make install TORCH=torch for a CUDA build of torch). At most ten minutes on one large GPU; each result is written
 # to experiments/results/ as soon as it exists, so a check cut short keeps what it finished.
 #
-#   1. pytest -m gpu: side-stream copies behind a busy compute stream, pinned buffers and their accounting, fused and
-#      foreach AdamW, resume on the device, no device memory left after fit, a run under TORCH_CUDA_SANITIZER=1,
-#      layers_per_block="auto" on the device's budget (traced activations against the real CUDA steps);
-#      hift_fsdp (FSDP2, world size 1, bf16-true): the waiting blocks' masters and AdamW state in pinned host memory
-#      read from each DTensor's local shard, a consolidated checkpoint resumed bit for bit, a run under the sanitizer,
-#      and one cycle's allocator history -> experiments/results/gpu_tests.txt, gpu_fsdp_cycle.json and
-#      gpu_fsdp_cycle_snapshot.pickle (open it at https://pytorch.org/memory_viz)
-#   2. experiments/gpu_memory.py --shape 7b: peak device memory of full fine-tuning and HiFT, one process per row,
-#      beside the planner's total with activations
-#      -> experiments/results/gpu_memory.md
-#   3. the same for hift_fsdp (FSDP2, world size 1) in bf16-true -> experiments/results/gpu_memory_fsdp.md
+#   1. pytest -m gpu (the tests marked gpu say what each checks) -> gpu_tests.txt, gpu_fsdp_cycle.json and
+#      gpu_fsdp_cycle_snapshot.pickle (one hift_fsdp cycle's allocator history: https://pytorch.org/memory_viz)
+#   2. experiments/gpu_memory.py --shape 7b: full fine-tuning and HiFT against the planner -> gpu_memory.md
+#   3. the same for hift_fsdp (FSDP2, world size 1) in bf16-true -> gpu_memory_fsdp.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

@@ -3,11 +3,9 @@
     python experiments/gpu_memory.py --shape 7b --batch-size 1 --seq-len 512      # one CUDA GPU, a few minutes
     python experiments/gpu_memory.py --shape tiny --device cpu                   # smoke run of the same code
 
-For each precision and method (FPFT with Lightning's default strategy, HiFT with its defaults; ``--methods
-hift_fsdp`` for HiFT on FSDP2, one process) a random-init LLaMA of the chosen shape trains one whole HiFT cycle on
-random tokens with AdamW; the peak of ``torch.cuda.max_memory_allocated`` is printed beside the planner's estimate
-(model state, and the total with the activations it traces) and the paper's LLaMA-2-7B totals. A run that does not
-fit prints OOM. Each row runs in its own process, and the table at ``--out`` is rewritten after each.
+For each precision and method a random-init LLaMA trains one HiFT cycle on random tokens with AdamW, in its own
+process; its peak ``torch.cuda.max_memory_allocated`` (or OOM) goes beside the planner's estimate and the paper's
+LLaMA-2-7B totals, the table at ``--out`` rewritten after each row.
 """
 
 from __future__ import annotations
@@ -69,7 +67,6 @@ class RandomTokensLM(LightningModule):
 
 
 def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -> float | None:
-    """Peak bytes over ``steps`` optimizer steps, or None when the run does not fit."""
     strategies = {"hift": lightning_hift.HiFTStrategy, "hift_fsdp": lightning_hift.HiFTFSDPStrategy}
     strategy = strategies.get(method, lambda: "auto")()
     module = RandomTokensLM(SHAPES[args.shape], args.batch_size, args.seq_len, steps)
@@ -87,20 +84,17 @@ def measure(args: argparse.Namespace, precision: str, method: str, steps: int) -
 
 
 def host_peak() -> float:
-    """The process's peak resident host memory in bytes."""
     return float(peak_memory(HOST)["peak_rss_bytes"])
 
 
 def run_one(args: argparse.Namespace) -> None:
-    """``--run-one PRECISION/METHOD``: one measurement in this process, printed as a JSON line."""
     precision, method = args.run_one.split("/")
     peak = measure(args, precision, method, steps=args.steps)
     print(json.dumps({"peak": peak, "host_peak": host_peak()}), flush=True)
 
 
 def spawn(args: argparse.Namespace, precision: str, method: str, steps: int) -> dict[str, Any]:
-    """Measure in a fresh process, so that what one run leaves in host memory (Lightning moves the whole model and
-    optimizer state to the host at teardown; freed pinned memory stays cached) cannot kill the next."""
+    """Measure in a fresh process: what one run leaves in host memory at teardown cannot kill the next."""
     options = ["--shape", args.shape, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     command = [sys.executable, __file__, "--run-one", f"{precision}/{method}", "--steps", str(steps), *options]
     child = subprocess.run([*command, "--device", args.device], stdout=subprocess.PIPE, text=True, check=False)

@@ -3,12 +3,9 @@
     python experiments/launch_soak.py --launches 60 --parallel 3 --load 2
     python experiments/launch_soak.py --strategies hift_fsdp_spawn --launches 10   # a quick look
 
-Each launch is a fresh interpreter that fits a small module on two CPU processes (gloo) with the strategy named, for
-a few steps, and exits. ``--parallel`` launches run at once and ``--load`` busy processes compete with them for the
-cores, the conditions under which processes of ``hift_fsdp_spawn`` were seen to abort at exit ("terminate called
-without an active exception", SIGABRT) when the process groups were left to the interpreter's final clean-up. The
-table counts launches whose exit code is not 0 or whose output holds such an abort; it is written to
-``experiments/results/launch_soak.md``.
+Each launch is a fresh interpreter fitting a small module on two gloo processes, with ``--parallel`` launches at once
+and ``--load`` busy processes competing for the cores: where ``hift_fsdp_spawn`` once aborted at exit (SIGABRT). The
+page (experiments/results/launch_soak.md) counts launches that exit with a code other than 0 or abort.
 """
 
 from __future__ import annotations
@@ -33,8 +30,6 @@ ABORT_MARKS = ("terminate called", "SIGABRT", "core dumped")
 
 
 class Small(LightningModule):
-    """A small classifier on random data."""
-
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -58,7 +53,6 @@ def busy() -> None:
 
 
 def launch(strategy: str) -> tuple[str, int, bool, float, str]:
-    """One launch: a fresh interpreter's two-process fit of the small classifier."""
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--child", strategy], capture_output=True, text=True, timeout=900

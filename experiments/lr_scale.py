@@ -121,10 +121,8 @@ def main() -> None:
     for name in args.only:
         (steps, recipe_lr), k = SETTINGS[name], len(partition(build(name, 0)[1], 1))
         scales = {"1": 1.0, "sqrt(k)": math.sqrt(k), f"k ('blocks', {k})": float(k), "2k": 2.0 * k}
-        for method, scale in {
-            "full fine-tuning": None,
-            **{f"HiFT, lr_scale={s}": v for s, v in scales.items()},
-        }.items():
+        methods = {"full fine-tuning": None, **{f"HiFT, lr_scale={s}": v for s, v in scales.items()}}
+        for method, scale in methods.items():
             result = run(name, scale, args.seed)
             rows.append(
                 {

@@ -1,8 +1,7 @@
 """The planner's activation bytes against what autograd saves on the real CPU forward, in one run.
 
-For each model: full fine-tuning (every parameter trainable) and every HiFT block (one unit per block, only its
-parameters trainable), predicted by tracing on fake tensors (``activation_bytes``, no weights read) and measured on
-the real forward with the same saved-tensor hook (``measure_saved_bytes``). Writes a Markdown table.
+For each model, full fine-tuning and every HiFT block: traced on fake tensors (``activation_bytes``) against the real
+forward's saved tensors (``measure_saved_bytes``).
 
     python experiments/memory_check.py                    # -> experiments/results/memory_check.md
     python experiments/memory_check.py --skip-pretrained  # tiny configs only
@@ -48,8 +47,6 @@ def tiny_configs() -> dict[str, Callable[[], nn.Module]]:
 
 
 class MLP(nn.Module):
-    """A plain ``nn.Module``: four residual MLP layers on a feature vector, a classifier on top."""
-
     def __init__(self, width: int = 256, classes: int = 10) -> None:
         super().__init__()
         self.layers = nn.ModuleList(

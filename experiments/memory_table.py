@@ -3,11 +3,8 @@ docs/guide/fsdp.md.
 
     python experiments/memory_table.py        # prints a markdown table (about 30 s: 70B is built on the meta device)
 
-Columns are GiB of device memory per process (weights, gradients, optimizer state, fp32 masters, and for the FSDP
-columns one gathered unit with its gradient), AdamW, one layer per block, the next block's state prefetched. FSDP is
-Lightning's FSDP full fine-tuning: under fp32 its state is that of ``bf16-mixed`` too (fp32 weights, gradients and
-state, sharded); its ``bf16-true`` row trains bf16 weights with bf16 state, without masters (updates below half a
-bf16 step are lost).
+Columns (what each holds: docs/guide/fsdp.md) are GiB of device memory per process. FSDP is Lightning's FSDP full
+fine-tuning: fp32 is also its ``bf16-mixed`` state; its ``bf16-true`` row has bf16 weights and state, no masters.
 """
 
 from __future__ import annotations
