@@ -90,16 +90,12 @@ class Hyper:
 
 def build(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
     """The method of config entry ``cfg`` on the freshly loaded ``model``; ImportError if a peer is not installed."""
-    builders = {"full": _full, "hift": _hift, "badam": _badam, "lisa": _lisa, "lora": _lora, "galore": _galore}
-    builders["adalomo"] = _adalomo
+    full = "AdamW over every parameter, every step (Lightning's default strategy)"
+    builders = {"hift": _hift, "badam": _badam, "lisa": _lisa, "lora": _lora, "galore": _galore, "adalomo": _adalomo}
+    builders["full"] = lambda model, cfg, hyper: MethodRun(hyper.module(model, torch.optim.AdamW), full)
     if cfg.kind not in builders:
         raise ValueError(f"Unknown method kind={cfg.kind!r} in the benchmark config; use one of {sorted(builders)}.")
     return builders[cfg.kind](model, cfg, hyper)
-
-
-def _full(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
-    description = "AdamW over every parameter, every step (Lightning's default strategy)"
-    return MethodRun(hyper.module(model, torch.optim.AdamW), description)
 
 
 def _hift(model: nn.Module, cfg: DictConfig, hyper: Hyper) -> MethodRun:
